@@ -1,0 +1,57 @@
+"""Functional interface to the fused LSTM kernels."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops  # noqa: F401  (registers fakes and autograd for torch.ops.lstm_ext)
+
+
+def lstm_layer(
+    x: Tensor,
+    hx: tuple[Tensor, Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    w_hr: Optional[Tensor] = None,
+    *,
+    reverse: bool = False,
+    batch_sizes: Optional[Tensor] = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Run one single-direction LSTM layer over a whole sequence in one fused call.
+
+    Args:
+        x: input of shape (T, N, I), time first.
+        hx: (h0, c0) of shapes (N, P) and (N, H); P == H unless ``w_hr`` is given.
+        w_ih, w_hh: (4H, I) and (4H, P), gates stacked in nn.LSTM's order i, f, g, o.
+        b_ih, b_hh: optional biases of shape (4H).
+        w_hr: optional projection (P, H): h_t = w_hr @ (o_t * tanh(c_t)), as ``proj_size``.
+        reverse: process the sequence from t = T-1 down to 0.
+        batch_sizes: optional int64 CPU tensor (T,), non-increasing, as in
+            ``PackedSequence``: step t only updates the first ``batch_sizes[t]`` rows.
+            The other rows keep their state and their output is zero.
+
+    Returns:
+        ``y`` (T, N, P) and ``(h_n, c_n)``, each row's state after its last step.
+    """
+    h0, c0 = hx
+    y, h_n, c_n, _, _, _ = torch.ops.lstm_ext.lstm_forward(
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse
+    )
+    return y, (h_n, c_n)
+
+
+def lstm_cell(
+    x: Tensor,
+    hx: tuple[Tensor, Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step for a batch: x (N, I), h and c (N, H). Returns (h', c')."""
+    _, (h_n, c_n) = lstm_layer(x.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh)
+    return h_n, c_n
