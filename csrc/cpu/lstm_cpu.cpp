@@ -1,0 +1,126 @@
+// CPU backend: the per-step GEMMs call the BLAS that torch itself links (MKL or
+// OpenBLAS export the Fortran sgemm_/dgemm_), so a step costs no dispatcher round
+// trip and no allocation; the pointwise cell kernels run parallel over batch rows.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../cell_math.h"
+#include "../lstm_layer.h"
+
+// Weak: a torch built without a Fortran BLAS leaves these null and we use ATen instead.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+namespace lstm_ext {
+namespace {
+
+// Column-major BLAS call; false when this scalar type has no Fortran BLAS here.
+template <typename scalar_t, typename Fn>
+bool fortran_gemm(Fn* fn, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const scalar_t* a,
+                  int64_t lda, const scalar_t* b, int64_t ldb, scalar_t beta, scalar_t* c, int64_t ldc) {
+  if (fn == nullptr) return false;
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mi = m, ni = n, ki = k, ldai = lda, ldbi = ldb, ldci = ldc;
+  const scalar_t one = 1;
+  fn(&ta, &tb, &mi, &ni, &ki, &one, a, &ldai, b, &ldbi, &beta, c, &ldci);
+  return true;
+}
+
+inline bool column_major_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+                              const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  return fortran_gemm(sgemm_, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+inline bool column_major_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
+                              const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  return fortran_gemm(dgemm_, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+template <typename scalar_t>
+bool column_major_gemm(bool, bool, int64_t, int64_t, int64_t, const scalar_t*, int64_t, const scalar_t*,
+                       int64_t, float, scalar_t*, int64_t) {
+  return false;
+}
+
+// Row-major (rows x cols, leading dimension ld) matrix at p, transposed if asked.
+template <typename scalar_t>
+Tensor wrap(const scalar_t* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  Tensor t = trans ? at::from_blob(const_cast<scalar_t*>(p), {cols, rows}, {ld, 1}, opts).t()
+                   : at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts);
+  return t;
+}
+
+// Rows per task: enough elements per thread to pay for the fork.
+inline int64_t rows_per_task(int64_t hidden) { return std::max<int64_t>(1, 2048 / hidden); }
+
+struct CpuBackend {
+  template <typename scalar_t>
+  static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const scalar_t* a,
+                   int64_t lda, const scalar_t* b, int64_t ldb, float beta, scalar_t* c, int64_t ldc) {
+    if (m == 0 || n == 0) return;
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
+    if (k > 0 && column_major_gemm(trans_b, trans_a, n, m, k, b, ldb, a, lda, beta, c, ldc)) return;
+    // Half, bfloat16, or no Fortran BLAS in this torch: let ATen do it.
+    Tensor out = wrap(c, false, m, n, ldc);
+    at::addmm_out(out, out, wrap(a, trans_a, m, k, lda), wrap(b, trans_b, k, n, ldb), beta, 1);
+  }
+
+  template <typename scalar_t>
+  static void cell_forward(const ForwardStep<scalar_t>& s) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t H = s.hidden;
+    at::parallel_for(0, s.rows, rows_per_task(H), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        scalar_t* g = s.gates + b * 4 * H;
+        const scalar_t* c_prev = (b < s.n_carry ? s.c_carry : s.c0) + b * H;
+        for (int64_t j = 0; j < H; ++j) {
+          const auto r = lstm_ext::cell_forward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], c_prev[j]);
+          g[j] = r.i;
+          g[H + j] = r.f;
+          g[2 * H + j] = r.g;
+          g[3 * H + j] = r.o;
+          s.c_out[b * H + j] = r.c;
+          s.h_out[b * H + j] = r.h;
+        }
+      }
+    });
+  }
+
+  template <typename scalar_t>
+  static void cell_backward(const BackwardStep<scalar_t>& s) {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t H = s.hidden;
+    at::parallel_for(0, s.rows, rows_per_task(H), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* g = s.gates + b * 4 * H;
+        const scalar_t* c_prev = (b < s.n_carry ? s.c_carry : s.c0) + b * H;
+        scalar_t* dg = s.d_gates + b * 4 * H;
+        for (int64_t j = 0; j < H; ++j) {
+          const int64_t e = b * H + j;
+          const auto r = lstm_ext::cell_backward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], s.c[e],
+                                                        c_prev[j], s.dh[e], s.dc[e]);
+          dg[j] = r.d_i;
+          dg[H + j] = r.d_f;
+          dg[2 * H + j] = r.d_g;
+          dg[3 * H + j] = r.d_o;
+          s.dc[e] = r.dc_prev;
+        }
+      }
+    });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
+  m.impl("lstm_forward", &lstm_forward<CpuBackend>);
+  m.impl("lstm_backward", &lstm_backward<CpuBackend>);
+}
+
+}  // namespace lstm_ext

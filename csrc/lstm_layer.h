@@ -1,0 +1,330 @@
+// The LSTM layer's time loop, written once for every device.
+//
+// A layer is: one GEMM projecting the inputs of all T steps, then per step one
+// recurrent GEMM and one fused pointwise kernel; the backward mirrors it and ends
+// with large GEMMs over all steps for the weight gradients. Only the per-step GEMM
+// and the pointwise kernels differ between devices; a `Backend` (cpu/lstm_cpu.cpp,
+// cuda/lstm_cuda.cu) supplies them, working on raw pointers so that the time loop
+// itself allocates nothing and never goes through the dispatcher. A Backend has
+//   gemm(trans_a, trans_b, m, n, k, A, lda, B, ldb, beta, C, ldc): row-major
+//       C (m x n) = op(A) op(B) + beta * C,
+//   cell_forward(const ForwardStep<scalar_t>&) and cell_backward(const BackwardStep<scalar_t>&).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace lstm_ext {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+struct LayerDims {
+  int64_t T, N, I, H, P;  // steps, batch, input size, hidden size, output (projection) size
+  bool reverse, packed, projected;
+};
+
+// One time step in processing order. Rows [0, rows) are active; rows [0, n_carry)
+// continue from step `prev`, rows [n_carry, rows) start here from h0/c0.
+struct Step {
+  int64_t t, prev, rows, n_carry;
+};
+
+// Pointers of one forward step. All row-major and contiguous, row strides 4H or H.
+template <typename scalar_t>
+struct ForwardStep {
+  scalar_t* gates;           // (rows, 4H): pre-activations in, activations out
+  const scalar_t* c_carry;   // previous step's cells (rows < n_carry), or null
+  const scalar_t* c0;        // (N, H)
+  scalar_t* c_out;           // (rows, H)
+  scalar_t* h_out;           // (rows, H): o * tanh(c)
+  int64_t rows, n_carry, hidden;
+};
+
+template <typename scalar_t>
+struct BackwardStep {
+  const scalar_t* gates;     // (rows, 4H) saved activations
+  const scalar_t* c;         // (rows, H) this step's cells
+  const scalar_t* c_carry;   // previous step's cells, or null
+  const scalar_t* c0;
+  const scalar_t* dh;        // (rows, H) gradient reaching o * tanh(c)
+  scalar_t* dc;              // (rows, H) in: gradient of c from the next step; out: of c_prev
+  scalar_t* d_gates;         // (rows, 4H) gradient of the pre-activations
+  int64_t rows, n_carry, hidden;
+};
+
+inline const char* kOpName = "lstm_ext.lstm_layer";
+
+inline void check_same(const Tensor& ref, const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), kOpName, ": expected ", name, " on ", ref.device(),
+              " like x, but got ", t.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), kOpName, ": expected ", name, " of dtype ",
+              ref.scalar_type(), " like x, but got ", t.scalar_type());
+}
+
+inline void check_shape(const Tensor& t, at::IntArrayRef expected, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, kOpName, ": expected ", name, " of shape ", expected,
+              ", but got ", t.sizes());
+}
+
+inline LayerDims check_layer_inputs(const Tensor& x, const Tensor& h0, const Tensor& c0,
+                                    const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                                    const OptTensor& b_hh, const OptTensor& w_hr,
+                                    const OptTensor& batch_sizes, bool reverse) {
+  TORCH_CHECK(x.dim() == 3, kOpName, ": expected x of shape (T, N, input_size), but got ", x.dim(),
+              "-D input of shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), kOpName,
+              ": expected a floating point x, but got ", x.scalar_type());
+  TORCH_CHECK(c0.dim() == 2, kOpName, ": expected c0 of shape (N, hidden_size), but got ", c0.sizes());
+  TORCH_CHECK(h0.dim() == 2, kOpName, ": expected h0 of shape (N, proj_size or hidden_size), but got ",
+              h0.sizes());
+  LayerDims d;
+  d.T = x.size(0);
+  d.N = x.size(1);
+  d.I = x.size(2);
+  d.H = c0.size(1);
+  d.P = h0.size(1);
+  d.reverse = reverse;
+  d.packed = batch_sizes.has_value();
+  d.projected = w_hr.has_value();
+  TORCH_CHECK(d.T > 0, kOpName, ": expected a sequence of at least one step, but got T = 0");
+  TORCH_CHECK(d.H > 0, kOpName, ": expected hidden_size > 0");
+  TORCH_CHECK(d.projected || d.P == d.H, kOpName, ": without w_hr, h0 must have hidden_size = ", d.H,
+              " columns, but got ", d.P);
+  check_same(x, h0, "h0");
+  check_same(x, c0, "c0");
+  check_same(x, w_ih, "w_ih");
+  check_same(x, w_hh, "w_hh");
+  check_shape(h0, {d.N, d.P}, "h0");
+  check_shape(c0, {d.N, d.H}, "c0");
+  check_shape(w_ih, {4 * d.H, d.I}, "w_ih");
+  check_shape(w_hh, {4 * d.H, d.P}, "w_hh");
+  if (b_ih) {
+    check_same(x, *b_ih, "b_ih");
+    check_shape(*b_ih, {4 * d.H}, "b_ih");
+  }
+  if (b_hh) {
+    check_same(x, *b_hh, "b_hh");
+    check_shape(*b_hh, {4 * d.H}, "b_hh");
+  }
+  if (w_hr) {
+    check_same(x, *w_hr, "w_hr");
+    check_shape(*w_hr, {d.P, d.H}, "w_hr");
+  }
+  if (batch_sizes) {
+    const Tensor& bs = *batch_sizes;
+    TORCH_CHECK(bs.device().is_cpu() && bs.scalar_type() == at::kLong && bs.dim() == 1,
+                kOpName, ": expected batch_sizes as a 1-D int64 CPU tensor, but got ",
+                bs.scalar_type(), " on ", bs.device(), " of shape ", bs.sizes());
+    check_shape(bs, {d.T}, "batch_sizes");
+    auto b = bs.contiguous();
+    const int64_t* p = b.data_ptr<int64_t>();
+    TORCH_CHECK(p[0] == d.N, kOpName, ": expected batch_sizes[0] == N = ", d.N, ", but got ", p[0]);
+    for (int64_t t = 1; t < d.T; ++t) {
+      TORCH_CHECK(p[t] >= 0 && p[t] <= p[t - 1], kOpName,
+                  ": expected non-increasing, non-negative batch_sizes, but got ", p[t - 1],
+                  " then ", p[t], " at step ", t);
+    }
+  }
+  return d;
+}
+
+// Steps in the order they are processed, with the rows each one updates.
+inline std::vector<Step> make_schedule(const LayerDims& d, const OptTensor& batch_sizes) {
+  Tensor bs;
+  if (batch_sizes) bs = batch_sizes->contiguous();
+  auto rows_at = [&](int64_t t) { return bs.defined() ? bs.data_ptr<int64_t>()[t] : d.N; };
+  std::vector<Step> steps;
+  steps.reserve(d.T);
+  for (int64_t s = 0; s < d.T; ++s) {
+    const int64_t t = d.reverse ? d.T - 1 - s : s;
+    const int64_t prev = s == 0 ? -1 : (d.reverse ? t + 1 : t - 1);
+    const int64_t rows = rows_at(t);
+    const int64_t n_carry = prev < 0 ? 0 : std::min(rows, rows_at(prev));
+    steps.push_back({t, prev, rows, n_carry});
+  }
+  return steps;
+}
+
+// For every row, the step at which it is first / last processed.
+inline std::pair<Tensor, Tensor> first_and_last_steps(const LayerDims& d, const OptTensor& batch_sizes) {
+  auto opts = at::TensorOptions().dtype(at::kLong);
+  Tensor lengths = batch_sizes
+      ? (batch_sizes->unsqueeze(1) > at::arange(d.N, opts).unsqueeze(0)).sum(0)
+      : at::full({d.N}, d.T, opts);
+  Tensor start = at::zeros({d.N}, opts);
+  Tensor end = lengths - 1;
+  return d.reverse ? std::make_pair(end, start) : std::make_pair(start, end);
+}
+
+template <class Backend, typename scalar_t>
+void forward_time_loop(const LayerDims& d, const std::vector<Step>& steps, scalar_t* gates,
+                       const scalar_t* w_hh, const scalar_t* w_hr, const scalar_t* h0,
+                       const scalar_t* c0, scalar_t* y, scalar_t* cells, scalar_t* hidden) {
+  const int64_t G = 4 * d.H;
+  for (const Step& s : steps) {
+    if (s.rows == 0) continue;
+    scalar_t* g = gates + s.t * d.N * G;
+    if (s.n_carry > 0) {
+      Backend::gemm(false, true, s.n_carry, G, d.P, y + s.prev * d.N * d.P, d.P, w_hh, d.P, 1, g, G);
+    }
+    if (s.rows > s.n_carry) {
+      Backend::gemm(false, true, s.rows - s.n_carry, G, d.P, h0 + s.n_carry * d.P, d.P, w_hh, d.P, 1,
+                    g + s.n_carry * G, G);
+    }
+    scalar_t* y_t = y + s.t * d.N * d.P;
+    scalar_t* h_t = d.projected ? hidden + s.t * d.N * d.H : y_t;
+    ForwardStep<scalar_t> step{g, s.prev < 0 ? nullptr : cells + s.prev * d.N * d.H, c0,
+                               cells + s.t * d.N * d.H, h_t, s.rows, s.n_carry, d.H};
+    Backend::cell_forward(step);
+    if (d.projected) {
+      Backend::gemm(false, true, s.rows, d.P, d.H, h_t, d.H, w_hr, d.H, 0, y_t, d.P);
+    }
+  }
+}
+
+template <class Backend, typename scalar_t>
+void backward_time_loop(const LayerDims& d, const std::vector<Step>& steps, const scalar_t* gates,
+                        const scalar_t* cells, const scalar_t* w_hh, const scalar_t* w_hr,
+                        const scalar_t* c0, scalar_t* dhy, scalar_t* dc, scalar_t* d_gates,
+                        scalar_t* dh0, scalar_t* dr) {
+  const int64_t G = 4 * d.H;
+  for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+    const Step& s = *it;
+    if (s.rows == 0) continue;
+    const scalar_t* dh = dhy + s.t * d.N * d.P;
+    if (d.projected) {
+      Backend::gemm(false, false, s.rows, d.H, d.P, dh, d.P, w_hr, d.H, 0, dr, d.H);
+      dh = dr;
+    }
+    scalar_t* dg = d_gates + s.t * d.N * G;
+    BackwardStep<scalar_t> step{gates + s.t * d.N * G, cells + s.t * d.N * d.H,
+                                s.prev < 0 ? nullptr : cells + s.prev * d.N * d.H, c0, dh, dc, dg,
+                                s.rows, s.n_carry, d.H};
+    Backend::cell_backward(step);
+    // dh of the previous step accumulates onto the output gradient already there.
+    if (s.n_carry > 0) {
+      Backend::gemm(false, false, s.n_carry, d.P, G, dg, G, w_hh, d.P, 1, dhy + s.prev * d.N * d.P, d.P);
+    }
+    if (s.rows > s.n_carry) {
+      Backend::gemm(false, false, s.rows - s.n_carry, d.P, G, dg + s.n_carry * G, G, w_hh, d.P, 0,
+                    dh0 + s.n_carry * d.P, d.P);
+    }
+  }
+}
+
+inline Tensor rows_at_steps(const Tensor& seq, const Tensor& step_of_row) {
+  return seq.index({step_of_row, at::arange(seq.size(1), step_of_row.options())});
+}
+
+template <class Backend>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
+    const Tensor& x_in, const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih_in,
+    const Tensor& w_hh_in, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr_in,
+    const OptTensor& batch_sizes, bool reverse) {
+  const LayerDims d =
+      check_layer_inputs(x_in, h0_in, c0_in, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in, batch_sizes, reverse);
+  const Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  const Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const Tensor w_hr = d.projected ? w_hr_in->contiguous() : Tensor();
+  const auto steps = make_schedule(d, batch_sizes);
+  const auto opts = x.options();
+  // Rows a packed step skips must read as zeros in y and the saved state.
+  auto buffer = [&](at::IntArrayRef shape) { return d.packed ? at::zeros(shape, opts) : at::empty(shape, opts); };
+
+  Tensor gates = at::empty({d.T, d.N, 4 * d.H}, opts);
+  Tensor gates2d = gates.view({d.T * d.N, 4 * d.H});
+  Tensor x2d = x.view({d.T * d.N, d.I});
+  if (b_ih && b_hh) {
+    at::addmm_out(gates2d, *b_ih + *b_hh, x2d, w_ih.t());
+  } else if (b_ih || b_hh) {
+    at::addmm_out(gates2d, b_ih ? *b_ih : *b_hh, x2d, w_ih.t());
+  } else {
+    at::mm_out(gates2d, x2d, w_ih.t());
+  }
+  Tensor y = buffer({d.T, d.N, d.P});
+  Tensor cells = buffer({d.T, d.N, d.H});
+  Tensor hidden = d.projected ? buffer({d.T, d.N, d.H}) : at::empty({0}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_forward", [&] {
+    forward_time_loop<Backend, scalar_t>(
+        d, steps, gates.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
+        d.projected ? w_hr.data_ptr<scalar_t>() : nullptr, h0.data_ptr<scalar_t>(),
+        c0.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
+        d.projected ? hidden.data_ptr<scalar_t>() : nullptr);
+  });
+
+  const Tensor last = first_and_last_steps(d, batch_sizes).second.to(x.device());
+  return {y, rows_at_steps(y, last), rows_at_steps(cells, last), gates, cells, hidden};
+}
+
+// output_mask: which of (dx, weight gradients, bias gradient) to compute; the others
+// come back empty. dh0 and dc0 are always computed: they cost nothing extra.
+template <class Backend>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
+    const OptTensor& grad_y, const OptTensor& grad_hn, const OptTensor& grad_cn, const Tensor& x_in,
+    const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih_in, const Tensor& w_hh_in,
+    const OptTensor& w_hr_in, const OptTensor& batch_sizes, bool reverse, const Tensor& y_in,
+    const Tensor& gates_in, const Tensor& cells_in, const Tensor& hidden_in,
+    std::array<bool, 3> output_mask) {
+  const LayerDims d = check_layer_inputs(x_in, h0_in, c0_in, w_ih_in, w_hh_in, std::nullopt,
+                                         std::nullopt, w_hr_in, batch_sizes, reverse);
+  const Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  const Tensor w_ih = w_ih_in.contiguous(), w_hh = w_hh_in.contiguous();
+  const Tensor w_hr = d.projected ? w_hr_in->contiguous() : Tensor();
+  const Tensor y = y_in.contiguous(), gates = gates_in.contiguous(), cells = cells_in.contiguous();
+  const Tensor hidden = hidden_in.contiguous();
+  check_shape(y, {d.T, d.N, d.P}, "y");
+  check_shape(gates, {d.T, d.N, 4 * d.H}, "gates");
+  check_shape(cells, {d.T, d.N, d.H}, "cells");
+  const auto steps = make_schedule(d, batch_sizes);
+  const auto opts = x.options();
+  const auto [first, last] = first_and_last_steps(d, batch_sizes);
+  const Tensor row_ids = at::arange(d.N, first.options());
+
+  // dhy[t] collects every gradient reaching h_t: from y, from h_n, and from step t+1.
+  Tensor dhy = grad_y ? grad_y->to(opts, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous)
+                      : at::zeros({d.T, d.N, d.P}, opts);
+  check_shape(dhy, {d.T, d.N, d.P}, "grad_y");
+  if (grad_hn) {
+    check_shape(*grad_hn, {d.N, d.P}, "grad_h_n");
+    dhy.index_put_({last.to(x.device()), row_ids.to(x.device())}, grad_hn->to(opts), /*accumulate=*/true);
+  }
+  Tensor dc = grad_cn ? grad_cn->to(opts, false, true, at::MemoryFormat::Contiguous) : at::zeros({d.N, d.H}, opts);
+  check_shape(dc, {d.N, d.H}, "grad_c_n");
+  Tensor d_gates = d.packed ? at::zeros({d.T, d.N, 4 * d.H}, opts) : at::empty({d.T, d.N, 4 * d.H}, opts);
+  Tensor dh0 = at::zeros({d.N, d.P}, opts);
+  Tensor dr = d.projected ? at::empty({d.N, d.H}, opts) : Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_backward", [&] {
+    backward_time_loop<Backend, scalar_t>(
+        d, steps, gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
+        d.projected ? w_hr.data_ptr<scalar_t>() : nullptr, c0.data_ptr<scalar_t>(),
+        dhy.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), d_gates.data_ptr<scalar_t>(),
+        dh0.data_ptr<scalar_t>(), d.projected ? dr.data_ptr<scalar_t>() : nullptr);
+  });
+
+  const Tensor none = at::empty({0}, opts);
+  const Tensor dg2d = d_gates.view({d.T * d.N, 4 * d.H});
+  Tensor dx = output_mask[0] ? at::mm(dg2d, w_ih).view({d.T, d.N, d.I}) : none;
+  Tensor dw_ih = none, dw_hh = none, dw_hr = none;
+  if (output_mask[1]) {
+    dw_ih = at::mm(dg2d.t(), x.view({d.T * d.N, d.I}));
+    // Rows that continue a previous step read h from y there (zero where that row was
+    // idle); rows that start a sequence read h0.
+    const Tensor dg_carry = d_gates.narrow(0, d.reverse ? 0 : 1, d.T - 1).reshape({(d.T - 1) * d.N, 4 * d.H});
+    const Tensor h_carry = y.narrow(0, d.reverse ? 1 : 0, d.T - 1).reshape({(d.T - 1) * d.N, d.P});
+    dw_hh = at::mm(dg_carry.t(), h_carry);
+    dw_hh.addmm_(rows_at_steps(d_gates, first.to(x.device())).t(), h0);
+    if (d.projected) dw_hr = at::mm(dhy.view({d.T * d.N, d.P}).t(), hidden.view({d.T * d.N, d.H}));
+  }
+  Tensor db = output_mask[2] ? dg2d.sum(0) : none;
+  return {dx, dh0, dc, dw_ih, dw_hh, db, dw_hr};
+}
+
+}  // namespace lstm_ext

@@ -1,0 +1,107 @@
+"""Registers fake (meta) kernels and autograd for the compiled ``torch.ops.lstm_ext`` ops.
+
+``lstm_forward`` runs a whole layer; its backward is the ``lstm_backward`` op. When a
+backward is itself recorded for differentiation (``create_graph=True``), gradients are
+instead taken through the plain-PyTorch reference layer, so second derivatives are exact.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _loader
+from .reference import lstm_layer_reference
+
+_loader.load()
+
+
+@torch.library.register_fake("lstm_ext::lstm_forward")
+def _lstm_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    T, N, _ = x.shape
+    H, P = c0.shape[1], h0.shape[1]
+    hidden = x.new_empty(T, N, H) if w_hr is not None else x.new_empty(0)
+    return (
+        x.new_empty(T, N, P),
+        x.new_empty(N, P),
+        x.new_empty(N, H),
+        x.new_empty(T, N, 4 * H),
+        x.new_empty(T, N, H),
+        hidden,
+    )
+
+
+@torch.library.register_fake("lstm_ext::lstm_backward")
+def _lstm_backward_fake(
+    grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse,
+    y, gates, cells, hidden, output_mask,
+):
+    def maybe(mask: bool, like: Tensor) -> Tensor:
+        return torch.empty_like(like) if mask else x.new_empty(0)
+
+    want_dx, want_dw, want_db = output_mask
+    return (
+        maybe(want_dx, x),
+        torch.empty_like(h0),
+        torch.empty_like(c0),
+        maybe(want_dw, w_ih),
+        maybe(want_dw, w_hh),
+        x.new_empty(w_hh.shape[0]) if want_db else x.new_empty(0),
+        maybe(want_dw and w_hr is not None, w_hr if w_hr is not None else x),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse = inputs
+    y, _, _, gates, cells, hidden = output
+    ctx.reverse = reverse
+    ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
+    ctx.save_for_backward(
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, y, gates, cells, hidden
+    )
+
+
+def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_saved_grads):
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, y, gates, cells, hidden = (
+        ctx.saved_tensors
+    )
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():
+        return _differentiable_backward(
+            (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), need, batch_sizes, ctx.reverse,
+            (grad_y, grad_h_n, grad_c_n),
+        )
+    want_dw = need[3] or need[4] or need[7]
+    want_db = need[5] or need[6]
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.lstm_ext.lstm_backward(
+        grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, ctx.reverse,
+        y, gates, cells, hidden, [need[0], want_dw, want_db],
+    )
+    grads = (dx, dh0, dc0, dw_ih, dw_hh, db, db, dw_hr)
+    return (*(g if n else None for g, n in zip(grads, need)), None, None)
+
+
+def _differentiable_backward(inputs, need, batch_sizes, reverse, grad_outputs):
+    """Backward through the reference layer, recorded so it can be differentiated again."""
+    with torch.enable_grad():
+        outputs = lstm_layer_reference(*inputs, reverse=reverse, batch_sizes=batch_sizes)
+    wrt = [t for t, n in zip(inputs, need) if n]
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
+    grads = iter(
+        torch.autograd.grad(
+            [o for o, _ in pairs], wrt, [g for _, g in pairs],
+            create_graph=True, allow_unused=True,
+        )
+    )
+    result = [next(grads) if n else None for n in need[:8]]
+    # Inputs the recomputed graph does not reach (e.g. h0 with batch_sizes of zero) get zeros.
+    result = [
+        torch.zeros_like(t) if n and r is None else r for t, n, r in zip(inputs, need, result)
+    ]
+    return (*result, None, None)
+
+
+torch.library.register_autograd(
+    "lstm_ext::lstm_forward", _backward, setup_context=_setup_context
+)
