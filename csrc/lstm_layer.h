@@ -58,6 +58,22 @@ struct BackwardStep {
   int64_t rows, n_carry, hidden;
 };
 
+// Row-major C (m x n) = op(A) op(B) + beta * C through ATen, on raw pointers of `device`.
+// Each call wraps the pointers in tensor views (host metadata only, no device memory).
+template <typename scalar_t>
+void aten_gemm(c10::Device device, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+               const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb, float beta, scalar_t* c,
+               int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value).device(device);
+  auto wrap = [&](const scalar_t* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {
+    auto* data = const_cast<scalar_t*>(p);
+    return trans ? at::from_blob(data, {cols, rows}, {ld, 1}, opts).t()
+                 : at::from_blob(data, {rows, cols}, {ld, 1}, opts);
+  };
+  Tensor out = wrap(c, false, m, n, ldc);
+  at::addmm_out(out, out, wrap(a, trans_a, m, k, lda), wrap(b, trans_b, k, n, ldb), beta, 1);
+}
+
 inline const char* kOpName = "lstm_ext.lstm_layer";
 
 inline void check_same(const Tensor& ref, const Tensor& t, const char* name) {

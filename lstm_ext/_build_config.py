@@ -5,7 +5,6 @@ Imports nothing from torch, so setup.py can read it where torch is absent.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 CPU_SOURCES = ["lstm_ops.cpp", "cpu/lstm_cpu.cpp"]
@@ -33,13 +32,3 @@ def cuda_wanted(torch_has_cuda: bool, nvcc_found: bool) -> bool:
             )
         return forced == "1"
     return torch_has_cuda and nvcc_found
-
-
-def cuda_include_dirs() -> list[str]:
-    """Folders holding cublas_v2.h from pip's nvidia-* wheels (CUDA_HOME may lack cuBLAS)."""
-    dirs = []
-    for site in sys.path:
-        nvidia = Path(site) / "nvidia"
-        if nvidia.is_dir():
-            dirs += sorted(str(p.parent) for p in nvidia.glob("*/include/cublas_v2.h"))
-    return list(dict.fromkeys(dirs))

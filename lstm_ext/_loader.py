@@ -30,7 +30,6 @@ def _build_on_import() -> None:
         sources=sources,
         extra_cflags=cfg.CXX_FLAGS,
         extra_cuda_cflags=cfg.NVCC_FLAGS,
-        extra_include_paths=cfg.cuda_include_dirs() if with_cuda else [],
         is_python_module=False,
         verbose=os.environ.get("LSTM_EXT_VERBOSE") == "1",
     )

@@ -47,15 +47,6 @@ bool column_major_gemm(bool, bool, int64_t, int64_t, int64_t, const scalar_t*, i
   return false;
 }
 
-// Row-major (rows x cols, leading dimension ld) matrix at p, transposed if asked.
-template <typename scalar_t>
-Tensor wrap(const scalar_t* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {
-  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-  Tensor t = trans ? at::from_blob(const_cast<scalar_t*>(p), {cols, rows}, {ld, 1}, opts).t()
-                   : at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts);
-  return t;
-}
-
 // Rows per task: enough elements per thread to pay for the fork.
 inline int64_t rows_per_task(int64_t hidden) { return std::max<int64_t>(1, 2048 / hidden); }
 
@@ -67,8 +58,7 @@ struct CpuBackend {
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
     if (k > 0 && column_major_gemm(trans_b, trans_a, n, m, k, b, ldb, a, lda, beta, c, ldc)) return;
     // Half, bfloat16, or no Fortran BLAS in this torch: let ATen do it.
-    Tensor out = wrap(c, false, m, n, ldc);
-    at::addmm_out(out, out, wrap(a, trans_a, m, k, lda), wrap(b, trans_b, k, n, ldb), beta, 1);
+    aten_gemm(at::kCPU, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
   }
 
   template <typename scalar_t>
