@@ -1,0 +1,296 @@
+"""The fused layer op against nn.LSTM and the plain-PyTorch reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lstm_ext  # noqa: F401
+from lstm_ext.functional import lstm_cell, lstm_layer
+from lstm_ext.reference import lstm_layer_reference
+
+# Mixed lengths 3, 3, 2, 1 in the PackedSequence layout.
+PACKED = torch.tensor([4, 3, 2])
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+def make_layer(T, N, I, H, P=0, dtype=torch.float64, bias=True, seed=0, device="cpu"):
+    """Random inputs of one layer, all requiring grad; P > 0 adds a projection."""
+    g = torch.Generator().manual_seed(seed)
+    Hout = P or H
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype).to(device).requires_grad_()
+
+    return dict(
+        x=r(T, N, I), h0=r(N, Hout), c0=r(N, H), w_ih=r(4 * H, I), w_hh=r(4 * H, Hout),
+        b_ih=r(4 * H) if bias else None, b_hh=r(4 * H) if bias else None,
+        w_hr=r(P, H) if P else None,
+    )
+
+
+def run(a, reverse=False, batch_sizes=None):
+    y, (h, c) = lstm_layer(
+        a["x"], (a["h0"], a["c0"]), a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["w_hr"],
+        reverse=reverse, batch_sizes=batch_sizes,
+    )
+    return y, h, c
+
+
+def differentiable(a):
+    return [v for v in a.values() if v is not None]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("proj", [0, 2])
+def test_gradcheck(reverse, bias, packed, proj):
+    a = make_layer(3, 4, 3, 3, P=proj, bias=bias)
+    keys = [k for k, v in a.items() if v is not None]
+    bs = torch.tensor([4, 3, 1]) if packed else None
+
+    def f(*tensors):
+        return run({**a, **dict(zip(keys, tensors))}, reverse, bs)
+
+    assert torch.autograd.gradcheck(f, differentiable(a))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_double_backward_is_exact(reverse, packed):
+    a = make_layer(3, 4, 2, 3, P=2)
+    keys = list(a)
+    bs = torch.tensor([4, 3, 1]) if packed else None
+
+    def f(*tensors):
+        return run(dict(zip(keys, tensors)), reverse, bs)
+
+    assert torch.autograd.gradgradcheck(f, list(a.values()))
+
+
+def nn_lstm_pair(I, H, P, dtype, bias):
+    torch.manual_seed(0)
+    ref = nn.LSTM(I, H, bias=bias, proj_size=P, dtype=dtype)
+    weights = dict(
+        w_ih=ref.weight_ih_l0, w_hh=ref.weight_hh_l0,
+        b_ih=ref.bias_ih_l0 if bias else None, b_hh=ref.bias_hh_l0 if bias else None,
+        w_hr=ref.weight_hr_l0 if P else None,
+    )
+    return ref, weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "T,N,I,H,P",
+    [(1, 1, 1, 1, 0), (5, 1, 3, 7, 0), (7, 3, 5, 5, 0), (1, 4, 2, 9, 0), (6, 2, 4, 6, 3), (20, 8, 16, 33, 0)],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_nn_lstm(dtype, T, N, I, H, P, bias):
+    ref, w = nn_lstm_pair(I, H, P, dtype, bias)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, N, I, dtype=dtype, generator=g, requires_grad=True)
+    h0 = torch.randn(1, N, P or H, dtype=dtype, generator=g, requires_grad=True)
+    c0 = torch.randn(1, N, H, dtype=dtype, generator=g, requires_grad=True)
+    y_ref, (h_ref, c_ref) = ref(x, (h0, c0))
+    y, (h, c) = lstm_layer(x, (h0[0], c0[0]), **w)
+    tol = TOL[dtype]
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(h, h_ref[0], **tol)
+    torch.testing.assert_close(c, c_ref[0], **tol)
+
+    # Every output feeds the loss, with different weights, so every gradient path counts.
+    gy, gh, gc = (torch.randn(t.shape, dtype=dtype, generator=g) for t in (y, h, c))
+    params = [x, h0, c0, *[p for p in w.values() if p is not None]]
+    loss_ref = (y_ref * gy).sum() + (h_ref[0] * gh).sum() + (c_ref[0] * gc).sum()
+    loss = (y * gy).sum() + (h * gh).sum() + (c * gc).sum()
+    for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad(loss_ref, params)):
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("proj", [0, 3])
+def test_packed_matches_nn_lstm(reverse, proj):
+    """batch_sizes give exactly nn.LSTM's PackedSequence results, each direction."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(3, 5, bidirectional=True, proj_size=proj, dtype=torch.float64)
+    lengths = torch.tensor([4, 4, 2, 1])
+    x = torch.randn(4, 4, 3, dtype=torch.float64, requires_grad=True)
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths)
+    out_ref, (h_ref, c_ref) = ref(packed)
+    y_ref, _ = nn.utils.rnn.pad_packed_sequence(out_ref)
+    sfx = "_reverse" if reverse else ""
+    p = lambda name: getattr(ref, f"{name}_l0{sfx}")  # noqa: E731
+    P = proj or 5
+    y, (h, c) = lstm_layer(
+        x, (x.new_zeros(4, P), x.new_zeros(4, 5)), p("weight_ih"), p("weight_hh"),
+        p("bias_ih"), p("bias_hh"), p("weight_hr") if proj else None,
+        reverse=reverse, batch_sizes=packed.batch_sizes,
+    )
+    d = int(reverse)
+    torch.testing.assert_close(y, y_ref[..., d * P:(d + 1) * P], **TOL[torch.float64])
+    torch.testing.assert_close(h, h_ref[d], **TOL[torch.float64])
+    torch.testing.assert_close(c, c_ref[d], **TOL[torch.float64])
+    gx, = torch.autograd.grad((y ** 2).sum() + h.sum() + c.sum(), x)
+    gx_ref, = torch.autograd.grad(
+        (y_ref[..., d * P:(d + 1) * P] ** 2).sum() + h_ref[d].sum() + c_ref[d].sum(), x
+    )
+    torch.testing.assert_close(gx, gx_ref, **TOL[torch.float64])
+
+
+def test_cell_matches_nn_lstm_cell():
+    torch.manual_seed(0)
+    ref = nn.LSTMCell(4, 6, dtype=torch.float64)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    hx = (torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64))
+    got = lstm_cell(x, hx, ref.weight_ih, ref.weight_hh, ref.bias_ih, ref.bias_hh)
+    for g, w in zip(got, ref(x, hx)):
+        torch.testing.assert_close(g, w, **TOL[torch.float64])
+
+
+def test_only_some_outputs_used():
+    """Undefined incoming gradients (unused outputs) are treated as zeros."""
+    a = make_layer(4, 2, 3, 3)
+    for pick in [lambda y, h, c: h, lambda y, h, c: c, lambda y, h, c: y[1:3]]:
+        got = torch.autograd.grad(pick(*run(a)).sum(), differentiable(a))
+        want = torch.autograd.grad(pick(*lstm_layer_reference(*a.values())).sum(), differentiable(a))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, **TOL[torch.float64])
+
+
+def test_needs_input_grad_skips_work():
+    a = make_layer(3, 2, 3, 3)
+    a["x"].requires_grad_(False)
+    a["w_ih"].requires_grad_(False)
+    y, h, c = run(a)
+    grads = torch.autograd.grad(y.sum(), [a["h0"], a["w_hh"], a["b_ih"]])
+    want = torch.autograd.grad(lstm_layer_reference(*a.values())[0].sum(), [a["h0"], a["w_hh"], a["b_ih"]])
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, **TOL[torch.float64])
+    # The backward op leaves unrequested gradients empty.
+    y, h, c, gates, cells, hidden = torch.ops.lstm_ext.lstm_forward(
+        *[v.detach() if v is not None else None for v in a.values()], None, False
+    )
+    d = a
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.lstm_ext.lstm_backward(
+        torch.ones_like(y), None, None, d["x"], d["h0"], d["c0"], d["w_ih"], d["w_hh"], None, None,
+        False, y, gates, cells, hidden, [False, False, True],
+    )
+    assert dx.numel() == dw_ih.numel() == dw_hh.numel() == dw_hr.numel() == 0
+    assert db.shape == (12,) and dh0.shape == (2, 3) and dc0.shape == (2, 3)
+
+
+def test_extreme_inputs_stay_finite():
+    a = make_layer(10, 3, 4, 5, dtype=torch.float32)
+    with torch.no_grad():
+        a["x"].mul_(1e4)
+        a["w_hh"].mul_(1e3)
+    y, h, c = run(a)
+    assert torch.isfinite(y).all() and torch.isfinite(c).all()
+    grads = torch.autograd.grad(y.sum() + c.sum(), differentiable(a))
+    assert all(torch.isfinite(g).all() for g in grads)
+    # Saturated gates: sigmoid is exactly 0 or 1, tanh exactly +-1, as in nn.LSTM.
+    y_ref, _, c_ref = lstm_layer_reference(*a.values())
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_close_to_float64():
+    a64 = make_layer(6, 3, 8, 16)
+    a16 = {k: v.detach().to(torch.bfloat16).requires_grad_() for k, v in a64.items() if v is not None}
+    a16["w_hr"] = None
+    y16, h16, c16 = run(a16)
+    y64, h64, c64 = run(a64)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.double(), y64, rtol=0.05, atol=0.05)
+    g16 = torch.autograd.grad(y16.float().sum(), a16["w_hh"])[0]
+    g64 = torch.autograd.grad(y64.sum(), a64["w_hh"])[0]
+    torch.testing.assert_close(g16.double(), g64, rtol=0.1, atol=0.1)
+
+
+def test_opcheck():
+    for packed, proj in [(None, 0), (torch.tensor([4, 3, 1]), 2)]:
+        a = make_layer(3, 4, 3, 3, P=proj)
+        args = (*a.values(), packed, True)
+        torch.library.opcheck(torch.ops.lstm_ext.lstm_forward.default, args)
+        out = torch.ops.lstm_ext.lstm_forward(
+            *[t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+        )
+        y, h, c, gates, cells, hidden = out
+        bwd_args = (
+            torch.randn_like(y), torch.randn_like(h), None, a["x"].detach(), a["h0"].detach(),
+            a["c0"].detach(), a["w_ih"].detach(), a["w_hh"].detach(),
+            a["w_hr"].detach() if proj else None, packed, True, y, gates, cells, hidden,
+            [True, True, True],
+        )
+        torch.library.opcheck(torch.ops.lstm_ext.lstm_backward.default, bwd_args)
+
+
+def bad(**changes):
+    a = {k: (v.detach() if v is not None else None) for k, v in make_layer(3, 2, 4, 5).items()}
+    a.update(changes)
+    return a
+
+
+@pytest.mark.parametrize(
+    "changes,bs,match",
+    [
+        (dict(x=torch.randn(2, 4, dtype=torch.float64)), None, "expected x of shape"),
+        (dict(x=torch.randn(3, 2, 4)), None, "expected h0 of dtype Float like x, but got Double"),
+        (dict(w_ih=torch.randn(20, 3, dtype=torch.float64)), None, "expected w_ih of shape"),
+        (dict(w_hh=torch.randn(20, 4, dtype=torch.float64)), None, "expected w_hh of shape"),
+        (dict(h0=torch.randn(3, 5, dtype=torch.float64)), None, "expected h0 of shape"),
+        (dict(c0=torch.randn(2, 5, dtype=torch.float32)), None, "expected c0 of dtype"),
+        (dict(b_hh=torch.randn(19, dtype=torch.float64)), None, "expected b_hh of shape"),
+        (dict(x=torch.randn(0, 2, 4, dtype=torch.float64)), None, "at least one step"),
+        (dict(x=torch.randint(0, 3, (3, 2, 4))), None, "floating point"),
+        ({}, torch.tensor([2, 2]), "expected batch_sizes of shape"),
+        ({}, torch.tensor([2, 1, 2]), "non-increasing"),
+        ({}, torch.tensor([1, 1, 1]), r"batch_sizes\[0\] == N"),
+        ({}, torch.tensor([2.0, 1.0, 1.0]), "int64 CPU tensor"),
+    ],
+)
+def test_bad_input_raises(changes, bs, match):
+    a = bad(**changes)
+    with pytest.raises(RuntimeError, match=match):
+        run(a, batch_sizes=bs)
+
+
+@pytest.mark.cuda
+def test_device_mismatch_is_reported():
+    a = bad(x=torch.randn(3, 2, 4, dtype=torch.float64, device="cuda"))
+    with pytest.raises(RuntimeError, match="expected h0 on cuda:0 like x, but got cpu"):
+        run(a)
+    a = {k: (v.cuda() if v is not None else None) for k, v in bad().items()}
+    with pytest.raises(RuntimeError, match="int64 CPU tensor"):
+        run(a, batch_sizes=torch.tensor([2, 2, 2], device="cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "dtype,tol",
+    [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 5e-2)],
+)
+@pytest.mark.parametrize("reverse,packed,proj", [(False, False, 0), (True, True, 3), (False, True, 2)])
+def test_cuda_matches_cpu_float64(dtype, tol, reverse, packed, proj):
+    a64 = make_layer(9, 4, 6, 20, P=proj)
+    acu = {k: (v.detach().to("cuda", dtype).requires_grad_() if v is not None else None) for k, v in a64.items()}
+    bs = PACKED.new_tensor([4, 4, 3, 3, 2, 2, 1, 1, 1]) if packed else None
+    out64, outcu = run(a64, reverse, bs), run(acu, reverse, bs)
+    for got, want in zip(outcu, out64):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=tol, atol=tol)
+    weights = [torch.linspace(-1, 1, t.numel(), dtype=torch.float64).view_as(t) for t in out64]
+    loss64 = sum((o * w).sum() for o, w in zip(out64, weights))
+    losscu = sum((o.double() * w.cuda()).sum() for o, w in zip(outcu, weights))
+    for got, want in zip(torch.autograd.grad(losscu, differentiable(acu)), torch.autograd.grad(loss64, differentiable(a64))):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=tol * 10, atol=tol * 10)
+
+
+@pytest.mark.cuda
+def test_cuda_runs_on_current_stream():
+    a = {k: (v.detach().cuda() if v is not None else None) for k, v in make_layer(50, 8, 16, 64).items()}
+    want = run(a)[0]
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        got = run(a)[0]
+    s.synchronize()
+    torch.testing.assert_close(got, want)
