@@ -21,8 +21,8 @@ def _build_on_import() -> None:
     if with_cuda:
         sources += [str(src / s) for s in cfg.CUDA_SOURCES]
     print(
-        f"lstm_ext: compiling the extension ({'CPU+CUDA' if with_cuda else 'CPU'}); "
-        "this happens once, then the build is cached",
+        f"lstm_ext: no prebuilt extension; loading the {'CPU+CUDA' if with_cuda else 'CPU'} "
+        "build cached by torch, compiling it first if needed (about a minute)",
         file=sys.stderr,
     )
     cpp_extension.load(
