@@ -15,6 +15,11 @@ from . import functional
 _HiddenState = tuple[Tensor, Tensor]
 
 
+def _autocasting(x: Tensor) -> bool:
+    # Under autocast nn.LSTM lets dtypes differ: autocast casts the op's arguments.
+    return torch.is_autocast_enabled(x.device.type)
+
+
 def _check_type(name: str, value: object, kind: type) -> None:
     if not isinstance(value, kind):
         raise TypeError(f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
@@ -169,7 +174,7 @@ class LSTM(nn.Module):
 
     def _check_input(self, x: Tensor, dtype_error: type[Exception]) -> None:
         weight_dtype = self.weight_ih_l0.dtype
-        if x.dtype != weight_dtype:
+        if x.dtype != weight_dtype and not _autocasting(x):
             raise dtype_error(
                 f"RNN input dtype ({x.dtype}) does not match weight dtype ({weight_dtype}). "
                 f"Convert input: input.to({weight_dtype}), or convert model: model.to({x.dtype})"
@@ -191,7 +196,7 @@ class LSTM(nn.Module):
                 raise RuntimeError(
                     f"Expected hidden[{i}] size {expected[i]}, got {list(hx[i].shape)}"
                 )
-            if hx[i].dtype != x.dtype or hx[i].device != x.device:
+            if (hx[i].dtype != x.dtype and not _autocasting(x)) or hx[i].device != x.device:
                 raise RuntimeError(
                     f"Expected hidden[{i}] to have the input's dtype and device "
                     f"({x.dtype}, {x.device}), got ({hx[i].dtype}, {hx[i].device})"
@@ -402,7 +407,7 @@ class LSTMCell(nn.Module):
                     f"expected {self.hidden_size}"
                 )
         for t in (x, *hx):
-            if t.dtype != self.weight_ih.dtype:
+            if t.dtype != self.weight_ih.dtype and not _autocasting(x):
                 raise RuntimeError(
                     "LSTMCell input and hidden state must have the weight dtype "
                     f"{self.weight_ih.dtype}, got {t.dtype}"

@@ -412,6 +412,16 @@ def test_lstm_cuda(monkeypatch):
         close(b, a, torch.float64)
 
 
+@pytest.mark.xfail(reason="lstm_ext::lstm_forward has no Autocast kernel yet", strict=True)
+def test_lstm_autocast_cpu():
+    ref, ext = make_pair(dtype=torch.float32, input_size=I, hidden_size=H, num_layers=2)
+    x = torch.randn(T, N, I)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = ref(x), ext(x)
+    assert got[0].dtype == expected[0].dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
 def _outputs_equal(a: nn.Module, b: nn.Module) -> None:
     x = rand(T, N, I)
     (ya, (ha, ca)), (yb, (hb, cb)) = a(x), b(x)
