@@ -25,7 +25,7 @@ def extensions_and_commands():
     nvcc = cpp_extension.CUDA_HOME is not None and os.path.exists(
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     )
-    with_cuda = cfg.cuda_wanted(torch.version.cuda is not None, nvcc)
+    with_cuda = cfg.cuda_wanted(torch.version.cuda is not None, nvcc, torch.cuda.is_available())
     sources = [f"csrc/{s}" for s in cfg.CPU_SOURCES]
     if with_cuda:
         sources += [f"csrc/{s}" for s in cfg.CUDA_SOURCES]

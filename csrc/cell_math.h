@@ -2,7 +2,8 @@
 //
 // Everything is templated on the arithmetic type so that the CPU kernel can run the
 // very same formulas on at::vec::Vectorized lanes, and the CUDA kernel on float
-// (the opmath type of half and bfloat16) or double.
+// (the opmath type of half and bfloat16) or double. The transcendental functions come
+// from Math<T>, which the CPU kernel specializes for vector types.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -10,15 +11,25 @@
 
 namespace lstm_ext {
 
-C10_HOST_DEVICE inline float math_exp(float x) { return expf(x); }
-C10_HOST_DEVICE inline double math_exp(double x) { return exp(x); }
-C10_HOST_DEVICE inline float math_tanh(float x) { return tanhf(x); }
-C10_HOST_DEVICE inline double math_tanh(double x) { return tanh(x); }
+template <typename T>
+struct Math;
+
+template <>
+struct Math<float> {
+  C10_HOST_DEVICE static float exp(float x) { return expf(x); }
+  C10_HOST_DEVICE static float tanh(float x) { return tanhf(x); }
+};
+
+template <>
+struct Math<double> {
+  C10_HOST_DEVICE static double exp(double x) { return ::exp(x); }
+  C10_HOST_DEVICE static double tanh(double x) { return ::tanh(x); }
+};
 
 // 1 / (1 + e^-x) saturates cleanly: e^-x = inf gives exactly 0, never NaN.
 template <typename T>
 C10_HOST_DEVICE inline T sigmoid(T x) {
-  return T(1) / (T(1) + math_exp(-x));
+  return T(1) / (T(1) + Math<T>::exp(T(0) - x));
 }
 
 // Activations and new state of one element, from the four gate pre-activations.
@@ -34,10 +45,10 @@ C10_HOST_DEVICE inline CellForward<T> cell_forward(T pre_i, T pre_f, T pre_g, T 
   CellForward<T> r;
   r.i = sigmoid(pre_i);
   r.f = sigmoid(pre_f);
-  r.g = math_tanh(pre_g);
+  r.g = Math<T>::tanh(pre_g);
   r.o = sigmoid(pre_o);
   r.c = r.f * c_prev + r.i * r.g;
-  r.h = r.o * math_tanh(r.c);
+  r.h = r.o * Math<T>::tanh(r.c);
   return r;
 }
 
@@ -53,7 +64,7 @@ struct CellBackward {
 template <typename T>
 C10_HOST_DEVICE inline CellBackward<T> cell_backward(
     T i, T f, T g, T o, T c, T c_prev, T dh, T dc_next) {
-  const T tanh_c = math_tanh(c);
+  const T tanh_c = Math<T>::tanh(c);
   const T dc = dc_next + dh * o * (T(1) - tanh_c * tanh_c);
   CellBackward<T> r;
   r.d_o = dh * tanh_c * o * (T(1) - o);

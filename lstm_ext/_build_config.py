@@ -9,7 +9,22 @@ from pathlib import Path
 
 CPU_SOURCES = ["lstm_ops.cpp", "cpu/lstm_cpu.cpp"]
 CUDA_SOURCES = ["cuda/lstm_cuda.cu"]
-CXX_FLAGS = ["-O3"]
+def _host_has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
+
+
+# ATen's vector types pick their instruction set from CPU_CAPABILITY. AVX2 is used when
+# the building machine has it (the build then runs on AVX2 machines only);
+# LSTM_EXT_CPU_CAPABILITY=DEFAULT builds a portable, slower extension.
+CPU_CAPABILITY = os.environ.get("LSTM_EXT_CPU_CAPABILITY") or ("AVX2" if _host_has_avx2() else "DEFAULT")
+CXX_FLAGS = ["-O3", f"-DCPU_CAPABILITY={CPU_CAPABILITY}"] + (
+    ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"] if CPU_CAPABILITY == "AVX2" else []
+)
 # No --use_fast_math: the gate math must match the CPU kernels.
 NVCC_FLAGS = ["-O3"]
 
@@ -21,8 +36,9 @@ def source_dir() -> Path:
     return installed if installed.is_dir() else here.parent / "csrc"
 
 
-def cuda_wanted(torch_has_cuda: bool, nvcc_found: bool) -> bool:
-    """LSTM_EXT_CUDA=1/0 forces the choice; by default build CUDA when it can be built."""
+def cuda_wanted(torch_has_cuda: bool, nvcc_found: bool, gpu_visible: bool) -> bool:
+    """LSTM_EXT_CUDA=1/0 forces the choice. By default CUDA is built when it can be and
+    there is a target: a visible GPU, or architectures named in TORCH_CUDA_ARCH_LIST."""
     forced = os.environ.get("LSTM_EXT_CUDA")
     if forced is not None:
         if forced == "1" and not (torch_has_cuda and nvcc_found):
@@ -30,5 +46,9 @@ def cuda_wanted(torch_has_cuda: bool, nvcc_found: bool) -> bool:
                 "LSTM_EXT_CUDA=1 but the CUDA kernels cannot be built: "
                 f"torch has CUDA: {torch_has_cuda}, nvcc found (CUDA_HOME): {nvcc_found}"
             )
+        if forced == "1" and not gpu_visible:
+            # torch derives the target architectures from the GPU; name some instead.
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return forced == "1"
-    return torch_has_cuda and nvcc_found
+    target = gpu_visible or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+    return torch_has_cuda and nvcc_found and target

@@ -15,7 +15,7 @@ def _build_on_import() -> None:
     nvcc = cpp_extension.CUDA_HOME is not None and os.path.exists(
         os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
     )
-    with_cuda = cfg.cuda_wanted(torch.version.cuda is not None and torch.cuda.is_available(), nvcc)
+    with_cuda = cfg.cuda_wanted(torch.version.cuda is not None, nvcc, torch.cuda.is_available())
     src = cfg.source_dir()
     sources = [str(src / s) for s in cfg.CPU_SOURCES]
     if with_cuda:
