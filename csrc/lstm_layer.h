@@ -5,9 +5,11 @@
 // with large GEMMs over all steps for the weight gradients. Only the per-step GEMM
 // and the pointwise kernels differ between devices; a `Backend` (cpu/lstm_cpu.cpp,
 // cuda/lstm_cuda.cu) supplies them, working on raw pointers so that the time loop
-// itself allocates nothing and never goes through the dispatcher. A Backend has
-//   gemm(trans_a, trans_b, m, n, k, A, lda, B, ldb, beta, C, ldc): row-major
-//       C (m x n) = op(A) op(B) + beta * C,
+// itself allocates nothing. Every per-step GEMM multiplies by a weight on the right,
+// so a Backend has
+//   prepare(WeightOperand<scalar_t>): called once per op call, before the loop (the CPU
+//       packs the weight for its BLAS there); returns the prepared operand W,
+//   gemm(m, A, lda, W, beta, C, ldc): row-major C (m x n) = A (m x k) op(W) + beta * C,
 //   cell_forward(const ForwardStep<scalar_t>&) and cell_backward(const BackwardStep<scalar_t>&).
 #pragma once
 
@@ -35,6 +37,30 @@ struct Step {
   int64_t t, prev, rows, n_carry;
 };
 
+// The right operand of a per-step GEMM: a row-major weight (rows x cols), or its transpose.
+template <typename scalar_t>
+struct WeightOperand {
+  const scalar_t* data;
+  int64_t rows, cols;
+  bool transposed;
+  int64_t k() const { return transposed ? cols : rows; }
+  int64_t n() const { return transposed ? rows : cols; }
+};
+
+// Row-major C (m x n) = A (m x k) op(W) + beta * C through ATen, on raw pointers of
+// `device`. Each call wraps the pointers in tensor views (host metadata, no device memory).
+template <typename scalar_t>
+void aten_gemm(c10::Device device, int64_t m, const scalar_t* a, int64_t lda, const WeightOperand<scalar_t>& w,
+               float beta, scalar_t* c, int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value).device(device);
+  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld) {
+    return at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts);
+  };
+  const Tensor weight = view(w.data, w.rows, w.cols, w.cols);
+  Tensor out = view(c, m, w.n(), ldc);
+  at::addmm_out(out, out, view(a, m, w.k(), lda), w.transposed ? weight.t() : weight, beta, 1);
+}
+
 // Pointers of one forward step. All row-major and contiguous, row strides 4H or H.
 template <typename scalar_t>
 struct ForwardStep {
@@ -57,22 +83,6 @@ struct BackwardStep {
   scalar_t* d_gates;         // (rows, 4H) gradient of the pre-activations
   int64_t rows, n_carry, hidden;
 };
-
-// Row-major C (m x n) = op(A) op(B) + beta * C through ATen, on raw pointers of `device`.
-// Each call wraps the pointers in tensor views (host metadata only, no device memory).
-template <typename scalar_t>
-void aten_gemm(c10::Device device, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
-               const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb, float beta, scalar_t* c,
-               int64_t ldc) {
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value).device(device);
-  auto wrap = [&](const scalar_t* p, bool trans, int64_t rows, int64_t cols, int64_t ld) {
-    auto* data = const_cast<scalar_t*>(p);
-    return trans ? at::from_blob(data, {cols, rows}, {ld, 1}, opts).t()
-                 : at::from_blob(data, {rows, cols}, {ld, 1}, opts);
-  };
-  Tensor out = wrap(c, false, m, n, ldc);
-  at::addmm_out(out, out, wrap(a, trans_a, m, k, lda), wrap(b, trans_b, k, n, ldb), beta, 1);
-}
 
 inline const char* kOpName = "lstm_ext.lstm_layer";
 
@@ -183,15 +193,16 @@ void forward_time_loop(const LayerDims& d, const std::vector<Step>& steps, scala
                        const scalar_t* w_hh, const scalar_t* w_hr, const scalar_t* h0,
                        const scalar_t* c0, scalar_t* y, scalar_t* cells, scalar_t* hidden) {
   const int64_t G = 4 * d.H;
+  const auto w_hh_t = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, true}, d.N);
+  const auto w_hr_t = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.P, d.H, true}, d.N);
   for (const Step& s : steps) {
     if (s.rows == 0) continue;
     scalar_t* g = gates + s.t * d.N * G;
     if (s.n_carry > 0) {
-      Backend::gemm(false, true, s.n_carry, G, d.P, y + s.prev * d.N * d.P, d.P, w_hh, d.P, 1, g, G);
+      Backend::gemm(s.n_carry, y + s.prev * d.N * d.P, d.P, w_hh_t, 1, g, G);
     }
     if (s.rows > s.n_carry) {
-      Backend::gemm(false, true, s.rows - s.n_carry, G, d.P, h0 + s.n_carry * d.P, d.P, w_hh, d.P, 1,
-                    g + s.n_carry * G, G);
+      Backend::gemm(s.rows - s.n_carry, h0 + s.n_carry * d.P, d.P, w_hh_t, 1, g + s.n_carry * G, G);
     }
     scalar_t* y_t = y + s.t * d.N * d.P;
     scalar_t* h_t = d.projected ? hidden + s.t * d.N * d.H : y_t;
@@ -199,7 +210,7 @@ void forward_time_loop(const LayerDims& d, const std::vector<Step>& steps, scala
                                cells + s.t * d.N * d.H, h_t, s.rows, s.n_carry, d.H};
     Backend::cell_forward(step);
     if (d.projected) {
-      Backend::gemm(false, true, s.rows, d.P, d.H, h_t, d.H, w_hr, d.H, 0, y_t, d.P);
+      Backend::gemm(s.rows, h_t, d.H, w_hr_t, 0, y_t, d.P);
     }
   }
 }
@@ -210,12 +221,14 @@ void backward_time_loop(const LayerDims& d, const std::vector<Step>& steps, cons
                         const scalar_t* c0, scalar_t* dhy, scalar_t* dc, scalar_t* d_gates,
                         scalar_t* dh0, scalar_t* dr) {
   const int64_t G = 4 * d.H;
+  const auto w_hh_n = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, false}, d.N);
+  const auto w_hr_n = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.P, d.H, false}, d.N);
   for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
     const Step& s = *it;
     if (s.rows == 0) continue;
     const scalar_t* dh = dhy + s.t * d.N * d.P;
     if (d.projected) {
-      Backend::gemm(false, false, s.rows, d.H, d.P, dh, d.P, w_hr, d.H, 0, dr, d.H);
+      Backend::gemm(s.rows, dh, d.P, w_hr_n, 0, dr, d.H);
       dh = dr;
     }
     scalar_t* dg = d_gates + s.t * d.N * G;
@@ -225,11 +238,10 @@ void backward_time_loop(const LayerDims& d, const std::vector<Step>& steps, cons
     Backend::cell_backward(step);
     // dh of the previous step accumulates onto the output gradient already there.
     if (s.n_carry > 0) {
-      Backend::gemm(false, false, s.n_carry, d.P, G, dg, G, w_hh, d.P, 1, dhy + s.prev * d.N * d.P, d.P);
+      Backend::gemm(s.n_carry, dg, G, w_hh_n, 1, dhy + s.prev * d.N * d.P, d.P);
     }
     if (s.rows > s.n_carry) {
-      Backend::gemm(false, false, s.rows - s.n_carry, d.P, G, dg + s.n_carry * G, G, w_hh, d.P, 0,
-                    dh0 + s.n_carry * d.P, d.P);
+      Backend::gemm(s.rows - s.n_carry, dg + s.n_carry * G, G, w_hh_n, 0, dh0 + s.n_carry * d.P, d.P);
     }
   }
 }

@@ -1,6 +1,9 @@
-// Operator schemas of lstm_ext, and the Python module stub that loads them.
+// Operator schemas of lstm_ext, their autocast rule, and the Python module stub.
+#include <ATen/autocast_mode.h>
 #include <Python.h>
 #include <torch/library.h>
+
+#include <optional>
 
 extern "C" {
 // `import lstm_ext._C` runs the static registrations below; the module itself is empty.
@@ -24,4 +27,36 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, "
       "Tensor y, Tensor gates, Tensor cells, Tensor hidden, bool[3] output_mask) "
       "-> (Tensor dx, Tensor dh0, Tensor dc0, Tensor dw_ih, Tensor dw_hh, Tensor db, Tensor dw_hr)");
+}
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// Under autocast, run the layer in the autocast dtype, as nn.LSTM does: the casts are
+// ordinary ops, so autograd sees them and returns gradients in each input's dtype.
+template <c10::DeviceType device>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_autocast(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
+    bool reverse) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device));
+  const auto dtype = at::autocast::get_autocast_dtype(device);
+  auto cast = [&](const auto& t) { return at::autocast::cached_cast(dtype, t, device); };
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("lstm_ext::lstm_forward", "")
+                       .typed<decltype(lstm_forward_autocast<device>)>();
+  return op.call(cast(x), cast(h0), cast(c0), cast(w_ih), cast(w_hh), cast(b_ih), cast(b_hh), cast(w_hr),
+                 batch_sizes, reverse);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lstm_ext, AutocastCPU, m) {
+  m.impl("lstm_forward", &lstm_forward_autocast<c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(lstm_ext, AutocastCUDA, m) {
+  m.impl("lstm_forward", &lstm_forward_autocast<c10::DeviceType::CUDA>);
 }
