@@ -1,0 +1,88 @@
+"""benchmarks/bench.py: runs end to end, writes its reports, and both models learn alike."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+from lstm_ext.shakespeare.bench import (
+    BASE, CAND, CELLS, QUICK, BenchConfig, LSTMCellStack, Shape, compare, lstm_forward_flops, parse_sweep, run_bench,
+)
+
+REPORTS = ("results.json", "results.md", "results.png")
+
+
+def check_reports(out: Path, steps: int, tolerance: float) -> dict[str, Any]:
+    """The three files exist and agree; the loss curves match within ``tolerance``."""
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text(encoding="utf-8")
+    main = res["main"]
+    losses = main["losses"]
+    assert len(losses[BASE]) == len(losses[CAND]) == steps
+    diff = max(abs(a - b) for a, b in zip(losses[BASE], losses[CAND]))
+    assert diff == main["max_abs_loss_diff"] <= tolerance
+    assert abs(main["val_loss"][BASE] - main["val_loss"][CAND]) <= tolerance
+    for phase in ("train_tokens_per_s", "forward_tokens_per_s", "lstm_fwd_bwd_tokens_per_s", "generate_chars_per_s"):
+        figures = main[phase]
+        assert figures[BASE] > 0 and figures[CAND] > 0 and figures["speedup"] > 0
+        assert f"{figures['speedup']:.2f}x" in md
+    assert main["matmul_gflops"] > 0 and main["memory"]["saved_mib"][CAND] > 0
+    assert res["sample"].strip() and res["sample"].strip().split("\n")[0] in md
+    return res
+
+
+def test_bench_quick_end_to_end(tmp_path: Path, run_python: Callable, lstm_ext_impl: str) -> None:
+    proc = run_python("benchmarks/bench.py", "--quick", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = check_reports(tmp_path, QUICK["steps"], tolerance=1e-3)
+    assert res["labels"][CAND] == "lstm_ext.LSTM" and CELLS in res["main"]["generate_chars_per_s"]
+    assert "| training, tokens/s |" in proc.stdout
+
+
+def test_bench_extras_packed_projection_float64_sweep(tmp_path: Path, run_python: Callable, lstm_ext_impl: str) -> None:
+    proc = run_python(
+        "-m", "lstm_ext.shakespeare", "bench", "--quick", "--impl", lstm_ext_impl, "--packed", "--proj-size", "8",
+        "--dtype", "float64", "--sweep", "4x8x16x1,8x4x12x2", "--out", str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = check_reports(tmp_path, QUICK["steps"], tolerance=1e-9)
+    assert [s["shape"] for s in res["sweep"]] == [{"batch": 4, "seq": 8, "hidden": 16, "layers": 1}, {"batch": 8, "seq": 4, "hidden": 12, "layers": 2}]
+    assert CELLS not in res["main"]["generate_chars_per_s"]  # nn.LSTMCell has no projection
+
+
+def test_nn_lstm_against_itself_learns_identically(tmp_path: Path) -> None:
+    res = run_bench(BenchConfig(impl="torch", out=str(tmp_path), **QUICK, quick=True))
+    assert res["main"]["max_abs_loss_diff"] == 0.0 and res["labels"][CAND] == "nn.LSTM (again)"
+
+
+def test_sweep_presets_and_shapes() -> None:
+    assert len(parse_sweep("charrnn")) == 9 and len(parse_sweep("all")) == 13
+    assert Shape(32, 100, 512, 2) in parse_sweep("issue5")
+    assert parse_sweep("issue5,2x3x4x5")[-1] == Shape(2, 3, 4, 5)
+    with pytest.raises(ValueError, match="BxTxHxL"):
+        parse_sweep("2x3")
+
+
+def test_lstm_cell_stack_equals_nn_lstm() -> None:
+    torch.manual_seed(0)
+    lstm = nn.LSTM(5, 7, 3)
+    x, h0, c0 = torch.randn(4, 2, 5), torch.randn(3, 2, 7), torch.randn(3, 2, 7)
+    want, (hn, cn) = lstm(x, (h0, c0))
+    got, (gh, gc) = LSTMCellStack(lstm)(x, (h0, c0))
+    for a, b in ((want, got), (hn, gh), (cn, gc)):
+        torch.testing.assert_close(a, b)
+
+
+def test_flop_count_and_paired_speedups() -> None:
+    # One layer, I = H = 2: 2 * 4H * (I + H) = 64 per token; a 3-wide projection adds 2*H*P = 12.
+    assert lstm_forward_flops(1, Shape(1, 1, 2, 1), 0) == 64
+    assert lstm_forward_flops(10, Shape(1, 1, 2, 2), 3) == 10 * ((2 * 8 * (2 + 3) + 12) + (2 * 8 * (3 + 3) + 12))
+    times = {BASE: [9.0, 2.0, 2.0, 2.0], CAND: [9.0, 1.0, 1.0, 4.0], CELLS: [9.0, 4.0, 4.0, 4.0]}
+    out = compare(times, [8, 8, 8, 8], warmup=1)
+    assert out[BASE] == 4.0 and out[CAND] == 8.0 and out[CELLS] == 2.0
+    assert out["speedup"] == 2.0 and out["speedup_vs_cells"] == 4.0 and out["cells_vs_baseline"] == 0.5
