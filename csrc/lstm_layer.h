@@ -7,8 +7,6 @@
 // cuda/lstm_cuda.cu) supplies them, working on raw pointers so that the time loop
 // itself allocates nothing. Every per-step GEMM multiplies by a weight on the right,
 // so a Backend has
-//   prepare(WeightOperand<scalar_t>): called once per op call, before the loop (the CPU
-//       packs the weight for its BLAS there); returns the prepared operand W,
 //   gemm(m, A, lda, W, beta, C, ldc): row-major C (m x n) = A (m x k) op(W) + beta * C,
 //   cell_forward(const ForwardStep<scalar_t>&) and cell_backward(const BackwardStep<scalar_t>&).
 #pragma once
@@ -19,6 +17,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <variant>
 #include <vector>
 
 namespace lstm_ext {
@@ -177,15 +176,23 @@ inline std::vector<Step> make_schedule(const LayerDims& d, const OptTensor& batc
   return steps;
 }
 
-// For every row, the step at which it is first / last processed.
-inline std::pair<Tensor, Tensor> first_and_last_steps(const LayerDims& d, const OptTensor& batch_sizes) {
-  auto opts = at::TensorOptions().dtype(at::kLong);
-  Tensor lengths = batch_sizes
-      ? (batch_sizes->unsqueeze(1) > at::arange(d.N, opts).unsqueeze(0)).sum(0)
-      : at::full({d.N}, d.T, opts);
-  Tensor start = at::zeros({d.N}, opts);
-  Tensor end = lengths - 1;
-  return d.reverse ? std::make_pair(end, start) : std::make_pair(start, end);
+// For every row, the step at which it is first (first = true) or last processed: with
+// batch_sizes an int64 tensor of N steps on seq's device, else the same step for all rows.
+inline std::variant<int64_t, Tensor> row_steps(const LayerDims& d, const OptTensor& batch_sizes, bool first,
+                                               c10::Device device) {
+  const bool at_start = first != d.reverse;  // a row's first forward step is t = 0
+  if (!batch_sizes) return at_start ? int64_t{0} : d.T - 1;
+  if (at_start) return at::zeros({d.N}, at::TensorOptions().dtype(at::kLong).device(device));
+  const Tensor rows = at::arange(d.N, batch_sizes->options());
+  const Tensor lengths = (batch_sizes->unsqueeze(1) > rows.unsqueeze(0)).sum(0);
+  return (lengths - 1).to(device);
+}
+
+// seq (T, N, ...) at each row's step: a view for a uniform step, a gathered copy otherwise.
+inline Tensor rows_at(const Tensor& seq, const std::variant<int64_t, Tensor>& steps) {
+  if (const auto* t = std::get_if<int64_t>(&steps)) return seq.select(0, *t);
+  const Tensor& per_row = std::get<Tensor>(steps);
+  return seq.index({per_row, at::arange(seq.size(1), per_row.options())});
 }
 
 template <class Backend, typename scalar_t>
@@ -193,8 +200,8 @@ void forward_time_loop(const LayerDims& d, const std::vector<Step>& steps, scala
                        const scalar_t* w_hh, const scalar_t* w_hr, const scalar_t* h0,
                        const scalar_t* c0, scalar_t* y, scalar_t* cells, scalar_t* hidden) {
   const int64_t G = 4 * d.H;
-  const auto w_hh_t = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, true}, d.N);
-  const auto w_hr_t = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.P, d.H, true}, d.N);
+  const WeightOperand<scalar_t> w_hh_t{w_hh, G, d.P, true};
+  const WeightOperand<scalar_t> w_hr_t{w_hr, d.P, d.H, true};
   for (const Step& s : steps) {
     if (s.rows == 0) continue;
     scalar_t* g = gates + s.t * d.N * G;
@@ -221,8 +228,8 @@ void backward_time_loop(const LayerDims& d, const std::vector<Step>& steps, cons
                         const scalar_t* c0, scalar_t* dhy, scalar_t* dc, scalar_t* d_gates,
                         scalar_t* dh0, scalar_t* dr) {
   const int64_t G = 4 * d.H;
-  const auto w_hh_n = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, false}, d.N);
-  const auto w_hr_n = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.P, d.H, false}, d.N);
+  const WeightOperand<scalar_t> w_hh_n{w_hh, G, d.P, false};
+  const WeightOperand<scalar_t> w_hr_n{w_hr, d.P, d.H, false};
   for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
     const Step& s = *it;
     if (s.rows == 0) continue;
@@ -244,10 +251,6 @@ void backward_time_loop(const LayerDims& d, const std::vector<Step>& steps, cons
       Backend::gemm(s.rows - s.n_carry, dg + s.n_carry * G, G, w_hh_n, 0, dh0 + s.n_carry * d.P, d.P);
     }
   }
-}
-
-inline Tensor rows_at_steps(const Tensor& seq, const Tensor& step_of_row) {
-  return seq.index({step_of_row, at::arange(seq.size(1), step_of_row.options())});
 }
 
 template <class Backend>
@@ -287,8 +290,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
         d.projected ? hidden.data_ptr<scalar_t>() : nullptr);
   });
 
-  const Tensor last = first_and_last_steps(d, batch_sizes).second.to(x.device());
-  return {y, rows_at_steps(y, last), rows_at_steps(cells, last), gates, cells, hidden};
+  const auto last = row_steps(d, batch_sizes, /*first=*/false, x.device());
+  return {y, rows_at(y, last).clone(), rows_at(cells, last).clone(), gates, cells, hidden};
 }
 
 // output_mask: which of (dx, weight gradients, bias gradient) to compute; the others
@@ -312,8 +315,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   check_shape(cells, {d.T, d.N, d.H}, "cells");
   const auto steps = make_schedule(d, batch_sizes);
   const auto opts = x.options();
-  const auto [first, last] = first_and_last_steps(d, batch_sizes);
-  const Tensor row_ids = at::arange(d.N, first.options());
 
   // dhy[t] collects every gradient reaching h_t: from y, from h_n, and from step t+1.
   Tensor dhy = grad_y ? grad_y->to(opts, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous)
@@ -321,7 +322,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   check_shape(dhy, {d.T, d.N, d.P}, "grad_y");
   if (grad_hn) {
     check_shape(*grad_hn, {d.N, d.P}, "grad_h_n");
-    dhy.index_put_({last.to(x.device()), row_ids.to(x.device())}, grad_hn->to(opts), /*accumulate=*/true);
+    const auto last = row_steps(d, batch_sizes, /*first=*/false, x.device());
+    if (const auto* t = std::get_if<int64_t>(&last)) {
+      dhy.select(0, *t).add_(*grad_hn);
+    } else {
+      const Tensor& steps = std::get<Tensor>(last);
+      dhy.index_put_({steps, at::arange(d.N, steps.options())}, grad_hn->to(opts), /*accumulate=*/true);
+    }
   }
   Tensor dc = grad_cn ? grad_cn->to(opts, false, true, at::MemoryFormat::Contiguous) : at::zeros({d.N, d.H}, opts);
   check_shape(dc, {d.N, d.H}, "grad_c_n");
@@ -348,7 +355,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
     const Tensor dg_carry = d_gates.narrow(0, d.reverse ? 0 : 1, d.T - 1).reshape({(d.T - 1) * d.N, 4 * d.H});
     const Tensor h_carry = y.narrow(0, d.reverse ? 1 : 0, d.T - 1).reshape({(d.T - 1) * d.N, d.P});
     dw_hh = at::mm(dg_carry.t(), h_carry);
-    dw_hh.addmm_(rows_at_steps(d_gates, first.to(x.device())).t(), h0);
+    dw_hh.addmm_(rows_at(d_gates, row_steps(d, batch_sizes, /*first=*/true, x.device())).t(), h0);
     if (d.projected) dw_hr = at::mm(dhy.view({d.T * d.N, d.P}).t(), hidden.view({d.T * d.N, d.H}));
   }
   Tensor db = output_mask[2] ? dg2d.sum(0) : none;

@@ -1,7 +1,6 @@
 // CPU backend: the per-step GEMMs call the BLAS that torch itself links (MKL or
 // OpenBLAS export the Fortran sgemm_/dgemm_), so a step costs no dispatcher round
-// trip and no allocation. With MKL, float weights are packed into its internal layout
-// once per call instead of once per step. The pointwise cell kernels are vectorized
+// trip and no allocation. The pointwise cell kernels are vectorized
 // and run parallel over blocks of the batch x hidden elements.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -19,12 +18,6 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
-// MKL's packed GEMM (CBLAS enums passed as their int values).
-size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
-void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
-                      const float* src, int ld, float* dest) __attribute__((weak));
-void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
-                         int lda, const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
 
 namespace lstm_ext {
@@ -65,21 +58,6 @@ bool column_major_gemm(bool, bool, int64_t, int64_t, int64_t, const scalar_t*, i
   return false;
 }
 
-constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasPacked = 151,
-              kCblasBMatrix = 162;
-
-inline bool mkl_packing_available() {
-  return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
-}
-
-// A weight operand, with MKL's packed copy of it when there is one (for m rows of A).
-template <typename scalar_t>
-struct CpuWeight {
-  WeightOperand<scalar_t> operand;
-  Tensor packed;
-  int64_t packed_m;
-};
-
 template <typename scalar_t>
 constexpr bool kVectorized = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
@@ -113,32 +91,9 @@ void cell_forward_at(scalar_t* g, const scalar_t* c_prev, scalar_t* c_out, scala
 
 struct CpuBackend {
   template <typename scalar_t>
-  static CpuWeight<scalar_t> prepare(const WeightOperand<scalar_t>& w, int64_t m) {
-    CpuWeight<scalar_t> prepared{w, Tensor(), m};
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (w.data != nullptr && m > 0 && mkl_packing_available()) {
-        const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, m, w.n(), w.k());
-        prepared.packed = at::empty({static_cast<int64_t>(bytes)}, at::kByte);
-        cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, w.transposed ? kCblasTrans : kCblasNoTrans, m, w.n(),
-                         w.k(), 1.0f, w.data, w.cols, static_cast<float*>(prepared.packed.data_ptr()));
-      }
-    }
-    return prepared;
-  }
-
-  template <typename scalar_t>
-  static void gemm(int64_t m, const scalar_t* a, int64_t lda, const CpuWeight<scalar_t>& w, float beta,
+  static void gemm(int64_t m, const scalar_t* a, int64_t lda, const WeightOperand<scalar_t>& op, float beta,
                    scalar_t* c, int64_t ldc) {
-    const WeightOperand<scalar_t>& op = w.operand;
     if (m == 0 || op.n() == 0) return;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      // MKL packs B for one m; other row counts (packed sequences) take the plain path.
-      if (w.packed.defined() && m == w.packed_m) {
-        cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m, op.n(), op.k(), a, lda,
-                            static_cast<const float*>(w.packed.data_ptr()), op.n(), beta, c, ldc);
-        return;
-      }
-    }
     // Row-major C = A op(W) is column-major C^T = op(W)^T A^T, and the row-major W read
     // column-major is W^T.
     if (op.k() > 0 &&

@@ -60,12 +60,12 @@ __global__ void cell_backward_kernel(BackwardStep<scalar_t> s) {
 
 struct CudaBackend {
   template <typename scalar_t>
-  static void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const scalar_t* a,
-                   int64_t lda, const scalar_t* b, int64_t ldb, float beta, scalar_t* c, int64_t ldc) {
-    if (m == 0 || n == 0) return;
+  static void gemm(int64_t m, const scalar_t* a, int64_t lda, const WeightOperand<scalar_t>& w, float beta,
+                   scalar_t* c, int64_t ldc) {
+    if (m == 0 || w.n() == 0) return;
     // cuBLAS itself is not exported to extensions by every torch build; ATen's is.
     const c10::Device device(c10::kCUDA, c10::cuda::current_device());
-    aten_gemm(device, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
+    aten_gemm(device, m, a, lda, w, beta, c, ldc);
   }
 
   template <typename scalar_t>
