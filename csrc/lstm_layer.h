@@ -196,12 +196,13 @@ inline Tensor rows_at(const Tensor& seq, const std::variant<int64_t, Tensor>& st
 }
 
 template <class Backend, typename scalar_t>
-void forward_time_loop(const LayerDims& d, const std::vector<Step>& steps, scalar_t* gates,
-                       const scalar_t* w_hh, const scalar_t* w_hr, const scalar_t* h0,
+void forward_time_loop(const LayerDims& d, const std::vector<Step>& steps, const scalar_t* x,
+                       const scalar_t* w_ih, bool has_bias, scalar_t* gates, const scalar_t* w_hh, const scalar_t* w_hr, const scalar_t* h0,
                        const scalar_t* c0, scalar_t* y, scalar_t* cells, scalar_t* hidden) {
   const int64_t G = 4 * d.H;
   const WeightOperand<scalar_t> w_hh_t{w_hh, G, d.P, true};
   const WeightOperand<scalar_t> w_hr_t{w_hr, d.P, d.H, true};
+  Backend::gemm(d.T * d.N, x, d.I, WeightOperand<scalar_t>{w_ih, G, d.I, true}, has_bias ? 1 : 0, gates, G);
   for (const Step& s : steps) {
     if (s.rows == 0) continue;
     scalar_t* g = gates + s.t * d.N * G;
@@ -268,15 +269,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   // Rows a packed step skips must read as zeros in y and the saved state.
   auto buffer = [&](at::IntArrayRef shape) { return d.packed ? at::zeros(shape, opts) : at::empty(shape, opts); };
 
+  // The input projection of all steps accumulates onto the biases in the time loop.
   Tensor gates = at::empty({d.T, d.N, 4 * d.H}, opts);
-  Tensor gates2d = gates.view({d.T * d.N, 4 * d.H});
-  Tensor x2d = x.view({d.T * d.N, d.I});
+  const bool has_bias = b_ih || b_hh;
   if (b_ih && b_hh) {
-    at::addmm_out(gates2d, *b_ih + *b_hh, x2d, w_ih.t());
-  } else if (b_ih || b_hh) {
-    at::addmm_out(gates2d, b_ih ? *b_ih : *b_hh, x2d, w_ih.t());
-  } else {
-    at::mm_out(gates2d, x2d, w_ih.t());
+    gates.copy_(*b_ih + *b_hh);
+  } else if (has_bias) {
+    gates.copy_(b_ih ? *b_ih : *b_hh);
   }
   Tensor y = buffer({d.T, d.N, d.P});
   Tensor cells = buffer({d.T, d.N, d.H});
@@ -284,7 +283,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_forward", [&] {
     forward_time_loop<Backend, scalar_t>(
-        d, steps, gates.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
+        d, steps, x.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(), has_bias, gates.data_ptr<scalar_t>(),
+        w_hh.data_ptr<scalar_t>(),
         d.projected ? w_hr.data_ptr<scalar_t>() : nullptr, h0.data_ptr<scalar_t>(),
         c0.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
         d.projected ? hidden.data_ptr<scalar_t>() : nullptr);
