@@ -7,7 +7,7 @@ A checkpoint is a ``torch.save``'d dict of plain containers and tensors, loaded 
     config        the TrainConfig as a dict
     vocab         list of characters (index = id)
     data_digest   hash of the training text
-    step          number of optimizer steps taken
+    step          optimizer steps taken; also the data position (next batch: step mod batches per epoch)
     model         model state dict (the same for both LSTM implementations)
     optimizer     Adam state dict
     history       {"train": [loss per step], "val": [[step, loss], ...]}

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import replace
 from typing import Optional
+
+import torch.distributed as dist
 
 from . import bench
 from .checkpoint import CheckpointError, load_checkpoint
@@ -54,6 +57,8 @@ def _run_train(args: argparse.Namespace) -> int:
     opts = given(TrainConfig, args)
     base = TrainConfig.from_dict(load_checkpoint(args.resume)["config"]) if args.resume else TrainConfig()
     result = train(replace(base, **opts), resume=args.resume, ddp=args.ddp, progress=args.progress)
+    if args.ddp:
+        dist.destroy_process_group()
     if result.checkpoint is None:  # a DDP rank other than 0
         return EXIT_INTERRUPTED if result.interrupted else 0
     if result.interrupted:
@@ -78,6 +83,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     _sample_parser(sub.add_parser("sample", help="generate text from a checkpoint"))
     bench.add_arguments(sub.add_parser("bench", help="compare lstm_ext.LSTM with nn.LSTM (see benchmarks/bench.py)"))
     args = parser.parse_args(argv)
+    if args.command == "train" and args.ddp and "RANK" not in os.environ:
+        parser.error("--ddp runs under torchrun: torchrun --nproc_per_node K -m lstm_ext.shakespeare train --ddp ...")
     set_threads(args.threads)
     if args.command == "bench":
         return bench.run_cli(args)

@@ -26,7 +26,9 @@ def make_lstm(
         try:
             from lstm_ext import LSTM as cls  # type: ignore[attr-defined]
         except Exception as err:  # an import failure may surface as any error type
-            raise ImplUnavailableError(f"lstm_ext.LSTM is not available ({type(err).__name__}: {err})") from err
+            raise ImplUnavailableError(
+                f"lstm_ext.LSTM is not available ({type(err).__name__}: {err}); --impl torch uses nn.LSTM"
+            ) from err
     else:
         raise ValueError(f"unknown LSTM implementation {impl!r}; choose from {IMPLS}")
     return cls(input_size, hidden, layers, dropout=dropout, proj_size=proj_size)

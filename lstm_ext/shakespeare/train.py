@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -123,6 +124,9 @@ def _stop_requests() -> Iterator[list[bool]]:
     Stopping at a step boundary means the checkpoint written afterwards is consistent.
     """
     flag = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # only the main thread may install handlers; signals then keep their default effect
+        return
 
     def handler(signum: int, frame: Any) -> None:
         if flag[0] and signum == signal.SIGINT:
@@ -203,7 +207,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, ddp: bool = False, pro
         set_rng_state(mine["rng"], env.device)
         if mine["state"] is not None:
             state = tuple(t.to(env.device) for t in mine["state"])  # type: ignore[assignment]
-    net: nn.Module = nn.parallel.DistributedDataParallel(model) if ddp else model
+    net: nn.Module = model
+    if ddp:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"

@@ -67,3 +67,11 @@ def lstm_ext_impl() -> str:
     except Exception as err:  # any failure to build or import the extension
         pytest.skip(f"lstm_ext.LSTM unavailable: {err}")
     return "lstm_ext"
+
+
+@pytest.fixture(params=["torch", "lstm_ext"])
+def impl(request: pytest.FixtureRequest) -> str:
+    """Each LSTM implementation in turn (lstm_ext skipped when unavailable)."""
+    if request.param == "lstm_ext":
+        request.getfixturevalue("lstm_ext_impl")
+    return request.param

@@ -16,20 +16,20 @@ from lstm_ext.shakespeare.train import TrainConfig, train
 TINY_ARGS = ["--impl", "torch", "--hidden", "16", "--layers", "2", "--batch", "4", "--seq", "8", "--eval-batches", "1", "--no-progress"]
 
 
-def tiny_config(data: Path, out: Path, steps: int) -> TrainConfig:
+def tiny_config(data: Path, out: Path, steps: int, impl: str) -> TrainConfig:
     # Dropout makes the run depend on the RNG state, which the checkpoint must restore too.
     return TrainConfig(
-        data=str(data), impl="torch", hidden=16, layers=2, dropout=0.1, batch=4, seq=8,
+        data=str(data), impl=impl, hidden=16, layers=2, dropout=0.1, batch=4, seq=8,
         steps=steps, eval_every=4, eval_batches=1, save_every=1000, out=str(out),
     )
 
 
-def test_resumed_run_repeats_the_uninterrupted_losses_exactly(tmp_path: Path, text_file: Path) -> None:
+def test_resumed_run_repeats_the_uninterrupted_losses_exactly(tmp_path: Path, text_file: Path, impl: str) -> None:
     data = tmp_path / "short.txt"
     data.write_text(text_file.read_text(encoding="utf-8")[:400], encoding="utf-8")  # 11 batches per epoch
-    full = train(tiny_config(data, tmp_path / "full", 15), progress=False)
-    first = train(tiny_config(data, tmp_path / "part", 6), progress=False)
-    rest = train(tiny_config(data, tmp_path / "part", 15), resume=str(first.checkpoint), progress=False)
+    full = train(tiny_config(data, tmp_path / "full", 15, impl), progress=False)
+    first = train(tiny_config(data, tmp_path / "part", 6, impl), progress=False)
+    rest = train(tiny_config(data, tmp_path / "part", 15, impl), resume=str(first.checkpoint), progress=False)
     assert rest.step == full.step == 15
     assert rest.history["train"] == full.history["train"]  # bitwise equal, past the epoch boundary
     for name, value in full.model.state_dict().items():

@@ -13,11 +13,11 @@ from lstm_ext.shakespeare.model import CharLSTM
 from lstm_ext.shakespeare.sample import generate
 
 
-@pytest.fixture(scope="module")
-def model_and_vocab(text_file: Path) -> tuple[CharLSTM, Vocab]:
+@pytest.fixture()
+def model_and_vocab(text_file: Path, impl: str) -> tuple[CharLSTM, Vocab]:
     vocab = Vocab.from_text(text_file.read_text(encoding="utf-8"))
     torch.manual_seed(0)
-    return CharLSTM(len(vocab), hidden=24, layers=2, impl="torch").eval(), vocab
+    return CharLSTM(len(vocab), hidden=24, layers=2, impl=impl).eval(), vocab
 
 
 def test_same_seed_same_text_and_global_rng_untouched(model_and_vocab: tuple[CharLSTM, Vocab]) -> None:
