@@ -10,12 +10,13 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
-echo "== build (sm_90, all cores)"
+echo "== build in place (sm_90, all cores; no pip, no network)"
 time (CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST="9.0" LSTM_EXT_CUDA=1 MAX_JOBS=$(nproc) \
-  python -m pip install -q --no-build-isolation --no-deps -e . ) || exit 1
+  python setup.py -q build_ext --inplace) || exit 1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
-echo "== CUDA tests"
-timeout 240 python -m pytest -q -m cuda tests -x -p no:cacheprovider
+echo "== CUDA tests (the kernel and module tests; the Shakespeare app needs packages not there)"
+timeout 240 python -m pytest -q -m cuda tests/test_ops.py tests/test_modules.py -p no:cacheprovider
 
 echo "== compute-sanitizer memcheck (small forward + backward, packed, projected)"
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
