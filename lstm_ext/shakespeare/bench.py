@@ -489,6 +489,12 @@ def figure(res: dict[str, Any], path: Path) -> None:
     for name, style in ((BASE, "-"), (CAND, "--")):
         draw_losses(axes[0], {"train": m["losses"][name], "val": [[len(m["losses"][name]), m["val_loss"][name]]]}, lab[name], style)
     axes[0].set_title("training loss, same batches")
+    # The curves overlap, so their gap gets its own axis.
+    gaps = [abs(a - b) for a, b in zip(m["losses"][BASE], m["losses"][CAND])]
+    gap = axes[0].twinx()
+    gap.plot(range(1, len(gaps) + 1), gaps, color="gray", lw=0.8)
+    gap.set_ylim(0, 4 * max(gaps) or 1.0)  # keep it in the lower quarter, under the loss curves
+    gap.set_ylabel("|difference| (gray)", color="gray")
     phases = {"training": "train_tokens_per_s", "forward": "forward_tokens_per_s", "LSTM fwd+bwd": "lstm_fwd_bwd_tokens_per_s", "generation": "generate_chars_per_s"}
     xs = range(len(phases))
     axes[1].bar([x - 0.2 for x in xs], [1.0] * len(phases), 0.4, label=lab[BASE])
