@@ -27,6 +27,7 @@ def check_reports(out: Path, steps: int, tolerance: float) -> dict[str, Any]:
     diff = max(abs(a - b) for a, b in zip(losses[BASE], losses[CAND]))
     assert diff == main["max_abs_loss_diff"] <= tolerance
     assert abs(main["val_loss"][BASE] - main["val_loss"][CAND]) <= tolerance
+    assert abs(main["tail_mean_loss"][BASE] - main["tail_mean_loss"][CAND]) <= tolerance
     for phase in ("train_tokens_per_s", "forward_tokens_per_s", "lstm_fwd_bwd_tokens_per_s", "generate_chars_per_s"):
         figures = main[phase]
         assert figures[BASE] > 0 and figures[CAND] > 0 and figures["speedup"] > 0
