@@ -1,6 +1,7 @@
-"""``python -m lstm_ext.shakespeare``: see ``cli.py``."""
+"""``python -m lstm_ext.shakespeare`` (and the ``lstm-ext-shakespeare`` script): see ``cli.py``."""
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,12 +43,18 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def _nonempty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def _sample_parser(p: argparse.ArgumentParser) -> None:
     add_common(p, "LSTM implementation (default: the checkpoint's)")
     p.add_argument("checkpoint", help="checkpoint.pt written by train")
-    p.add_argument("--prime", default=None, help="text to start from (default: a newline)")
+    p.add_argument("--prime", type=_nonempty, default=None, help="text to start from (default: a newline)")
     p.add_argument("--length", type=positive_int, default=500, help="characters to generate (default 500)")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 or less = greedy (default 0.8)")
     p.add_argument("--top-k", dest="top_k", type=int, default=None, help="sample among the k likeliest characters only")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same text (default 0)")
 
