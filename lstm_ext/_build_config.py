@@ -22,7 +22,10 @@ def _host_has_avx2() -> bool:
 # the building machine has it (the build then runs on AVX2 machines only);
 # LSTM_EXT_CPU_CAPABILITY=DEFAULT builds a portable, slower extension.
 CPU_CAPABILITY = os.environ.get("LSTM_EXT_CPU_CAPABILITY") or ("AVX2" if _host_has_avx2() else "DEFAULT")
-CXX_FLAGS = ["-O3", f"-DCPU_CAPABILITY={CPU_CAPABILITY}"] + (
+# -fopenmp: without it at::parallel_for (inlined from ATen's headers) compiles to a serial
+# loop. Only compiled with it, not linked: the GOMP symbols then resolve through
+# libtorch_cpu to the OpenMP runtime torch itself uses, so there is one thread pool.
+CXX_FLAGS = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={CPU_CAPABILITY}"] + (
     ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"] if CPU_CAPABILITY == "AVX2" else []
 )
 # No --use_fast_math: the gate math must match the CPU kernels.
