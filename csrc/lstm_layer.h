@@ -8,6 +8,9 @@
 // itself allocates nothing. Every per-step GEMM multiplies by a weight on the right,
 // so a Backend has
 //   gemm(m, A, lda, W, beta, C, ldc): row-major C (m x n) = A (m x k) op(W) + beta * C,
+//     with W a WeightOperand, or what prepare returned for it;
+//   prepare(W): called once per op call for each weight of the per-step GEMMs, so that
+//     the backend can lay it out for them once rather than at every step;
 //   cell_forward(const ForwardStep<scalar_t>&) and cell_backward(const BackwardStep<scalar_t>&).
 #pragma once
 
@@ -200,9 +203,10 @@ void forward_time_loop(const LayerDims& d, const std::vector<Step>& steps, const
                        const scalar_t* w_ih, bool has_bias, scalar_t* gates, const scalar_t* w_hh, const scalar_t* w_hr, const scalar_t* h0,
                        const scalar_t* c0, scalar_t* y, scalar_t* cells, scalar_t* hidden) {
   const int64_t G = 4 * d.H;
-  const WeightOperand<scalar_t> w_hh_t{w_hh, G, d.P, true};
-  const WeightOperand<scalar_t> w_hr_t{w_hr, d.P, d.H, true};
   Backend::gemm(d.T * d.N, x, d.I, WeightOperand<scalar_t>{w_ih, G, d.I, true}, has_bias ? 1 : 0, gates, G);
+  const auto w_hh_t = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, true});
+  // Without a projection w_hr is null: its operand is left empty, and unused.
+  const auto w_hr_t = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.projected ? d.P : 0, d.H, true});
   for (const Step& s : steps) {
     if (s.rows == 0) continue;
     scalar_t* g = gates + s.t * d.N * G;
@@ -229,8 +233,8 @@ void backward_time_loop(const LayerDims& d, const std::vector<Step>& steps, cons
                         const scalar_t* c0, scalar_t* dhy, scalar_t* dc, scalar_t* d_gates,
                         scalar_t* dh0, scalar_t* dr) {
   const int64_t G = 4 * d.H;
-  const WeightOperand<scalar_t> w_hh_n{w_hh, G, d.P, false};
-  const WeightOperand<scalar_t> w_hr_n{w_hr, d.P, d.H, false};
+  const auto w_hh_n = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, false});
+  const auto w_hr_n = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.projected ? d.P : 0, d.H, false});
   for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
     const Step& s = *it;
     if (s.rows == 0) continue;

@@ -91,6 +91,11 @@ void cell_forward_at(scalar_t* g, const scalar_t* c_prev, scalar_t* c_out, scala
 
 struct CpuBackend {
   template <typename scalar_t>
+  static WeightOperand<scalar_t> prepare(const WeightOperand<scalar_t>& w) {
+    return w;
+  }
+
+  template <typename scalar_t>
   static void gemm(int64_t m, const scalar_t* a, int64_t lda, const WeightOperand<scalar_t>& op, float beta,
                    scalar_t* c, int64_t ldc) {
     if (m == 0 || op.n() == 0) return;

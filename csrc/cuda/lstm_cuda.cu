@@ -60,6 +60,11 @@ __global__ void cell_backward_kernel(BackwardStep<scalar_t> s) {
 
 struct CudaBackend {
   template <typename scalar_t>
+  static WeightOperand<scalar_t> prepare(const WeightOperand<scalar_t>& w) {
+    return w;
+  }
+
+  template <typename scalar_t>
   static void gemm(int64_t m, const scalar_t* a, int64_t lda, const WeightOperand<scalar_t>& w, float beta,
                    scalar_t* c, int64_t ldc) {
     if (m == 0 || w.n() == 0) return;
