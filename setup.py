@@ -49,7 +49,7 @@ setup(
     package_dir={"lstm_ext._csrc": "csrc"},
     package_data={
         "lstm_ext._csrc": ["*.h", "*.cpp"],
-        "lstm_ext._csrc.cpu": ["*.cpp"],
+        "lstm_ext._csrc.cpu": ["*.h", "*.cpp"],
         "lstm_ext._csrc.cuda": ["*.cu"],
     },
     ext_modules=ext_modules,

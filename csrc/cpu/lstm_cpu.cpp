@@ -1,6 +1,6 @@
-// CPU backend: the per-step GEMMs call the BLAS that torch itself links (MKL or
-// OpenBLAS export the Fortran sgemm_/dgemm_), so a step costs no dispatcher round
-// trip and no allocation. The pointwise cell kernels are vectorized
+// CPU backend: the per-step float32 GEMMs run packed_gemm on weights packed once per
+// call; the other GEMMs call the BLAS that torch itself links (MKL or OpenBLAS export
+// the Fortran sgemm_/dgemm_), so a step costs no dispatcher round trip and no allocation. The pointwise cell kernels are vectorized
 // and run parallel over blocks of the batch x hidden elements.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -9,6 +9,7 @@
 
 #include "../cell_math.h"
 #include "../lstm_layer.h"
+#include "packed_gemm.h"
 
 // Weak: a torch built without a Fortran BLAS leaves these null and we use ATen instead.
 extern "C" {
@@ -90,9 +91,16 @@ void cell_forward_at(scalar_t* g, const scalar_t* c_prev, scalar_t* c_out, scala
 }
 
 struct CpuBackend {
+  // Float32 weights are packed for packed_gemm; other types keep the BLAS/ATen path.
   template <typename scalar_t>
   static WeightOperand<scalar_t> prepare(const WeightOperand<scalar_t>& w) {
     return w;
+  }
+  static PackedWeight prepare(const WeightOperand<float>& w) { return PackedWeight(w); }
+
+  static void gemm(int64_t m, const float* a, int64_t lda, const PackedWeight& w, float beta, float* c,
+                   int64_t ldc) {
+    packed_gemm(m, a, lda, w, beta, c, ldc);
   }
 
   template <typename scalar_t>
