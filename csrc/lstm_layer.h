@@ -9,8 +9,9 @@
 // so a Backend has
 //   gemm(m, A, lda, W, beta, C, ldc): row-major C (m x n) = A (m x k) op(W) + beta * C,
 //     with W a WeightOperand, or what prepare returned for it;
-//   prepare(W): called once per op call for each weight of the per-step GEMMs, so that
-//     the backend can lay it out for them once rather than at every step;
+//   prepare(W, steps): called once per op call for each weight of the per-step GEMMs
+//     (which then serve `steps` steps), so that the backend can lay it out for them once
+//     rather than at every step;
 //   cell_forward(const ForwardStep<scalar_t>&) and cell_backward(const BackwardStep<scalar_t>&).
 #pragma once
 
@@ -204,9 +205,9 @@ void forward_time_loop(const LayerDims& d, const std::vector<Step>& steps, const
                        const scalar_t* c0, scalar_t* y, scalar_t* cells, scalar_t* hidden) {
   const int64_t G = 4 * d.H;
   Backend::gemm(d.T * d.N, x, d.I, WeightOperand<scalar_t>{w_ih, G, d.I, true}, has_bias ? 1 : 0, gates, G);
-  const auto w_hh_t = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, true});
+  const auto w_hh_t = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, true}, d.T);
   // Without a projection w_hr is null: its operand is left empty, and unused.
-  const auto w_hr_t = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.projected ? d.P : 0, d.H, true});
+  const auto w_hr_t = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.projected ? d.P : 0, d.H, true}, d.T);
   for (const Step& s : steps) {
     if (s.rows == 0) continue;
     scalar_t* g = gates + s.t * d.N * G;
@@ -233,8 +234,8 @@ void backward_time_loop(const LayerDims& d, const std::vector<Step>& steps, cons
                         const scalar_t* c0, scalar_t* dhy, scalar_t* dc, scalar_t* d_gates,
                         scalar_t* dh0, scalar_t* dr) {
   const int64_t G = 4 * d.H;
-  const auto w_hh_n = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, false});
-  const auto w_hr_n = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.projected ? d.P : 0, d.H, false});
+  const auto w_hh_n = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, false}, d.T);
+  const auto w_hr_n = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.projected ? d.P : 0, d.H, false}, d.T);
   for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
     const Step& s = *it;
     if (s.rows == 0) continue;

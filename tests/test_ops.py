@@ -295,3 +295,29 @@ def test_cuda_runs_on_current_stream():
         got = run(a)[0]
     s.synchronize()
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("N,H,proj", [(1, 7, 0), (5, 33, 0), (13, 20, 3), (7, 64, 17)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_float32_multi_step_calls_match_nn_lstm(N, H, proj, packed):
+    """Calls of 8+ steps take the CPU's packed-weight GEMM in float32: odd shapes, partial
+    rows (packed sequences), projections, both directions."""
+    torch.manual_seed(0)
+    ref = nn.LSTM(6, H, num_layers=2, bidirectional=True, proj_size=proj)
+    ext = lstm_ext.LSTM(6, H, num_layers=2, bidirectional=True, proj_size=proj)
+    ext.load_state_dict(ref.state_dict())
+    T = 12
+    x = torch.randn(T, N, 6, requires_grad=True)
+    lengths = torch.randint(1, T + 1, (N,)).tolist()
+    lengths[0] = T
+
+    def run(model):
+        inp = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+        out, (h, c) = model(inp)
+        y = nn.utils.rnn.pad_packed_sequence(out)[0] if packed else out
+        loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + h.sum() + (c ** 2).sum()
+        return (y, h, c), torch.autograd.grad(loss, [x, *model.parameters()])
+
+    (outs, grads), (outs_ref, grads_ref) = run(ext), run(ref)
+    for got, want in zip((*outs, *grads), (*outs_ref, *grads_ref)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

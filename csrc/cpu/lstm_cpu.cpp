@@ -1,7 +1,8 @@
-// CPU backend: the per-step float32 GEMMs run packed_gemm on weights packed once per
-// call; the other GEMMs call the BLAS that torch itself links (MKL or OpenBLAS export
-// the Fortran sgemm_/dgemm_), so a step costs no dispatcher round trip and no allocation. The pointwise cell kernels are vectorized
-// and run parallel over blocks of the batch x hidden elements.
+// CPU backend: the per-step float32 GEMMs of multi-step calls run packed_gemm on weights
+// packed once per call; the other GEMMs call the BLAS that torch itself links (MKL or
+// OpenBLAS export the Fortran sgemm_/dgemm_), so a step costs no dispatcher round trip
+// and no allocation. The pointwise cell kernels are vectorized and run parallel over
+// blocks of the batch x hidden elements.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -10,6 +11,8 @@
 #include "../cell_math.h"
 #include "../lstm_layer.h"
 #include "packed_gemm.h"
+
+#include <optional>
 
 // Weak: a torch built without a Fortran BLAS leaves these null and we use ATen instead.
 extern "C" {
@@ -90,17 +93,35 @@ void cell_forward_at(scalar_t* g, const scalar_t* c_prev, scalar_t* c_out, scala
   r.h.store(h_out + j);
 }
 
+// A weight operand, with its packed copy when packed_gemm will serve it.
+template <typename scalar_t>
+struct CpuWeight {
+  WeightOperand<scalar_t> operand;
+  std::optional<PackedWeight> packed;
+};
+
+// Packing reads and writes the whole weight once: worth it only when the packed copy
+// serves enough steps (not for one-step calls such as generation).
+constexpr int64_t kMinStepsToPack = 8;
+
 struct CpuBackend {
   // Float32 weights are packed for packed_gemm; other types keep the BLAS/ATen path.
   template <typename scalar_t>
-  static WeightOperand<scalar_t> prepare(const WeightOperand<scalar_t>& w) {
-    return w;
+  static CpuWeight<scalar_t> prepare(const WeightOperand<scalar_t>& w, int64_t steps) {
+    CpuWeight<scalar_t> prepared{w, std::nullopt};
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (steps >= kMinStepsToPack && w.rows > 0) prepared.packed.emplace(w);
+    }
+    return prepared;
   }
-  static PackedWeight prepare(const WeightOperand<float>& w) { return PackedWeight(w); }
 
-  static void gemm(int64_t m, const float* a, int64_t lda, const PackedWeight& w, float beta, float* c,
-                   int64_t ldc) {
-    packed_gemm(m, a, lda, w, beta, c, ldc);
+  template <typename scalar_t>
+  static void gemm(int64_t m, const scalar_t* a, int64_t lda, const CpuWeight<scalar_t>& w, float beta,
+                   scalar_t* c, int64_t ldc) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (w.packed) return packed_gemm(m, a, lda, *w.packed, beta, c, ldc);
+    }
+    gemm(m, a, lda, w.operand, beta, c, ldc);
   }
 
   template <typename scalar_t>

@@ -60,7 +60,7 @@ __global__ void cell_backward_kernel(BackwardStep<scalar_t> s) {
 
 struct CudaBackend {
   template <typename scalar_t>
-  static WeightOperand<scalar_t> prepare(const WeightOperand<scalar_t>& w) {
+  static WeightOperand<scalar_t> prepare(const WeightOperand<scalar_t>& w, int64_t /*steps*/) {
     return w;
   }
 
