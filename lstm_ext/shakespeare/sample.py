@@ -54,8 +54,8 @@ def generate(
     model.eval()
     ids = vocab.encode(prime).to(device)
     state: Optional[State] = None
-    for i in range(len(ids) - 1):  # the prime only sets the state; its last char starts sampling
-        _, state = model(ids[i].view(1, 1), state)
+    if len(ids) > 1:  # the prime sets the state in one call; its last char starts sampling
+        _, state = model(ids[:-1].view(-1, 1), state)
     x = ids[-1].view(1, 1)
     out: list[Tensor] = []
     for _ in range(length):
