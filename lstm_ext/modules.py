@@ -110,6 +110,20 @@ class LSTM(nn.Module):
                 param = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
                 self.register_parameter(name, param)
         self.reset_parameters()
+        # [layer][direction] -> names of (w_ih, w_hh, b_ih, b_hh, w_hr), None where absent.
+        self._weight_names = [
+            [
+                tuple(
+                    f"{kind}_l{layer}{suffix}" if present else None
+                    for kind, present in (
+                        ("weight_ih", True), ("weight_hh", True), ("bias_ih", bias),
+                        ("bias_hh", bias), ("weight_hr", proj_size > 0),
+                    )
+                )
+                for suffix in ("", "_reverse")
+            ]
+            for layer in range(num_layers)
+        ]
 
     def _param_layout(self) -> list[list[tuple[str, tuple[int, ...]]]]:
         """(name, shape) of each parameter, one list per layer and direction, in nn.LSTM's order."""
@@ -131,15 +145,11 @@ class LSTM(nn.Module):
 
     def _layer_weights(self, layer: int, reverse: bool) -> tuple[Optional[Tensor], ...]:
         """(w_ih, w_hh, b_ih, b_hh, w_hr) of one layer and direction, None where absent."""
-        suffix = f"_l{layer}" + ("_reverse" if reverse else "")
         # Looked up on each call, so functional_call, DataParallel replicas and
-        # reassigned weights are always the ones used.
-        return (
-            getattr(self, "weight_ih" + suffix),
-            getattr(self, "weight_hh" + suffix),
-            getattr(self, "bias_ih" + suffix) if self.bias else None,
-            getattr(self, "bias_hh" + suffix) if self.bias else None,
-            getattr(self, "weight_hr" + suffix) if self.proj_size > 0 else None,
+        # reassigned weights are always the ones used; the names are built once.
+        return tuple(
+            None if name is None else getattr(self, name)
+            for name in self._weight_names[layer][int(reverse)]
         )
 
     def reset_parameters(self) -> None:
