@@ -11,6 +11,7 @@
 #include "../cell_math.h"
 #include "../lstm_layer.h"
 #include "packed_gemm.h"
+#include "vec_tanh.h"
 
 #include <optional>
 
@@ -26,12 +27,18 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace lstm_ext {
 
-// Vector lanes run the shared gate math through ATen's vectorized exp/tanh (SLEEF,
-// 1 ulp) when compiled for AVX2; the scalar tail and half/bfloat16 use the plain path.
+// Vector lanes run the shared gate math through ATen's vectorized exp (SLEEF, 1 ulp)
+// and, for float32, vec_tanh; the scalar tail and half/bfloat16 use the plain path.
 template <typename T>
 struct Math<at::vec::Vectorized<T>> {
   static at::vec::Vectorized<T> exp(const at::vec::Vectorized<T>& x) { return x.exp(); }
-  static at::vec::Vectorized<T> tanh(const at::vec::Vectorized<T>& x) { return x.tanh(); }
+  static at::vec::Vectorized<T> tanh(const at::vec::Vectorized<T>& x) {
+    if constexpr (std::is_same_v<T, float>) {
+      return vec_tanh(x);
+    } else {
+      return x.tanh();
+    }
+  }
 };
 
 namespace {
@@ -82,10 +89,11 @@ void for_each_block(int64_t rows, int64_t H, const Fn& fn) {
 }
 
 template <typename T, typename scalar_t>
-void cell_forward_at(scalar_t* g, const scalar_t* c_prev, scalar_t* c_out, scalar_t* h_out, int64_t H,
-                     int64_t j) {
+void cell_forward_at(scalar_t* g, const scalar_t* bias, const scalar_t* c_prev, scalar_t* c_out, scalar_t* h_out,
+                     int64_t H, int64_t j) {
   auto load = [&](const scalar_t* p) { return T::loadu(p + j); };
-  const auto r = cell_forward<T>(load(g), load(g + H), load(g + 2 * H), load(g + 3 * H), load(c_prev));
+  auto pre = [&](int64_t k) { return load(g + k) + load(bias + k); };
+  const auto r = cell_forward<T>(pre(0), pre(H), pre(2 * H), pre(3 * H), load(c_prev));
   r.i.store(g + j);
   r.f.store(g + H + j);
   r.g.store(g + 2 * H + j);
@@ -151,10 +159,11 @@ struct CpuBackend {
       scalar_t* h_out = s.h_out + b * H;
       int64_t j = j0;
       if constexpr (kVectorized<scalar_t>) {
-        for (; j + Vec::size() <= j1; j += Vec::size()) cell_forward_at<Vec>(g, c_prev, c_out, h_out, H, j);
+        for (; j + Vec::size() <= j1; j += Vec::size()) cell_forward_at<Vec>(g, s.bias, c_prev, c_out, h_out, H, j);
       }
       for (; j < j1; ++j) {
-        const auto r = lstm_ext::cell_forward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], c_prev[j]);
+        auto pre = [&](int64_t k) { return acc_t(g[k + j]) + acc_t(s.bias[k + j]); };
+        const auto r = lstm_ext::cell_forward<acc_t>(pre(0), pre(H), pre(2 * H), pre(3 * H), c_prev[j]);
         g[j] = r.i;
         g[H + j] = r.f;
         g[2 * H + j] = r.g;

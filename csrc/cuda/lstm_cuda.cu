@@ -28,7 +28,9 @@ __global__ void cell_forward_kernel(ForwardStep<scalar_t> s) {
     const int64_t b = e / H, j = e % H;
     scalar_t* g = s.gates + b * 4 * H;
     const scalar_t* c_prev = (b < s.n_carry ? s.c_carry : s.c0) + b * H;
-    const auto r = cell_forward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], c_prev[j]);
+    const scalar_t* bias = s.bias;
+    auto pre = [&](int64_t k) { return acc_t(g[k]) + acc_t(bias[k]); };
+    const auto r = cell_forward<acc_t>(pre(j), pre(H + j), pre(2 * H + j), pre(3 * H + j), c_prev[j]);
     g[j] = r.i;
     g[H + j] = r.f;
     g[2 * H + j] = r.g;
