@@ -9,9 +9,9 @@
 // so a Backend has
 //   gemm(m, A, lda, W, beta, C, ldc): row-major C (m x n) = A (m x k) op(W) + beta * C,
 //     with W a WeightOperand, or what prepare returned for it;
-//   prepare(W, steps): called once per op call for each weight of the per-step GEMMs
-//     (which then serve `steps` steps), so that the backend can lay it out for them once
-//     rather than at every step;
+//   prepare(W, steps): called once per op call for each weight of the forward and the
+//     per-step backward GEMMs (which then serve `steps` steps), so that the backend can
+//     lay it out for them once rather than at every step;
 //   cell_forward(const ForwardStep<scalar_t>&) and cell_backward(const BackwardStep<scalar_t>&).
 #pragma once
 
@@ -206,7 +206,8 @@ void forward_time_loop(const LayerDims& d, const std::vector<Step>& steps, const
                        const scalar_t* w_hr, const scalar_t* h0, const scalar_t* c0, scalar_t* y,
                        scalar_t* cells, scalar_t* hidden) {
   const int64_t G = 4 * d.H;
-  Backend::gemm(d.T * d.N, x, d.I, WeightOperand<scalar_t>{w_ih, G, d.I, true}, 0, gates, G);
+  const auto w_ih_t = Backend::prepare(WeightOperand<scalar_t>{w_ih, G, d.I, true}, d.T);
+  Backend::gemm(d.T * d.N, x, d.I, w_ih_t, 0, gates, G);
   const auto w_hh_t = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, true}, d.T);
   // Without a projection w_hr is null: its operand is left empty, and unused.
   const auto w_hr_t = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.projected ? d.P : 0, d.H, true}, d.T);
@@ -233,8 +234,8 @@ void forward_time_loop(const LayerDims& d, const std::vector<Step>& steps, const
 template <class Backend, typename scalar_t>
 void backward_time_loop(const LayerDims& d, const std::vector<Step>& steps, const scalar_t* gates,
                         const scalar_t* cells, const scalar_t* w_hh, const scalar_t* w_hr,
-                        const scalar_t* c0, scalar_t* dhy, scalar_t* dc, scalar_t* d_gates,
-                        scalar_t* dh0, scalar_t* dr) {
+                        const scalar_t* c0, const scalar_t* w_ih, scalar_t* dhy, scalar_t* dc,
+                        scalar_t* d_gates, scalar_t* dh0, scalar_t* dr, scalar_t* dx) {
   const int64_t G = 4 * d.H;
   const auto w_hh_n = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, false}, d.T);
   const auto w_hr_n = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.projected ? d.P : 0, d.H, false}, d.T);
@@ -258,6 +259,10 @@ void backward_time_loop(const LayerDims& d, const std::vector<Step>& steps, cons
     if (s.rows > s.n_carry) {
       Backend::gemm(s.rows - s.n_carry, dg + s.n_carry * G, G, w_hh_n, 0, dh0 + s.n_carry * d.P, d.P);
     }
+  }
+  if (dx != nullptr) {
+    const auto w_ih_n = Backend::prepare(WeightOperand<scalar_t>{w_ih, G, d.I, false}, d.T);
+    Backend::gemm(d.T * d.N, d_gates, G, w_ih_n, 0, dx, d.I);
   }
 }
 
@@ -340,18 +345,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   Tensor d_gates = d.packed ? at::zeros({d.T, d.N, 4 * d.H}, opts) : at::empty({d.T, d.N, 4 * d.H}, opts);
   Tensor dh0 = at::zeros({d.N, d.P}, opts);
   Tensor dr = d.projected ? at::empty({d.N, d.H}, opts) : Tensor();
+  const Tensor none = at::empty({0}, opts);
+  Tensor dx = output_mask[0] ? at::empty({d.T, d.N, d.I}, opts) : none;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_backward", [&] {
     backward_time_loop<Backend, scalar_t>(
         d, steps, gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
-        d.projected ? w_hr.data_ptr<scalar_t>() : nullptr, c0.data_ptr<scalar_t>(),
+        d.projected ? w_hr.data_ptr<scalar_t>() : nullptr, c0.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(),
         dhy.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(), d_gates.data_ptr<scalar_t>(),
-        dh0.data_ptr<scalar_t>(), d.projected ? dr.data_ptr<scalar_t>() : nullptr);
+        dh0.data_ptr<scalar_t>(), d.projected ? dr.data_ptr<scalar_t>() : nullptr,
+        output_mask[0] ? dx.data_ptr<scalar_t>() : nullptr);
   });
 
-  const Tensor none = at::empty({0}, opts);
   const Tensor dg2d = d_gates.view({d.T * d.N, 4 * d.H});
-  Tensor dx = output_mask[0] ? at::mm(dg2d, w_ih).view({d.T, d.N, d.I}) : none;
   Tensor dw_ih = none, dw_hh = none, dw_hr = none;
   if (output_mask[1]) {
     dw_ih = at::mm(dg2d.t(), x.view({d.T * d.N, d.I}));

@@ -61,6 +61,10 @@ constexpr int kMaxRows = 6;  // 6 x 2 accumulators + 2 panel vectors + 1 broadca
 template <int MR>
 void microkernel(int64_t k, const float* a, int64_t lda, const float* b, bool accumulate, float* c,
                  int64_t ldc, int64_t cols) {
+  // C rows are usually cold (the input projection wrote them long before): start
+  // fetching them now rather than stalling on them after the k loop.
+#pragma GCC unroll kMaxRows
+  for (int r = 0; r < MR; ++r) __builtin_prefetch(c + r * ldc);
   // Every loop over r is unrolled so that acc lives in registers, not on the stack.
   Vec acc[MR][2];
 #pragma GCC unroll kMaxRows
@@ -106,22 +110,32 @@ constexpr auto kernels = make_kernels(std::make_integer_sequence<int, kMaxRows>{
 inline void packed_gemm(int64_t m, const float* a, int64_t lda, const PackedWeight& w, float beta, float* c,
                         int64_t ldc) {
   using namespace packed_gemm_detail;
-  // Waking another thread costs microseconds: each one gets at least ~1 Mflop.
-  const int64_t grain = std::max<int64_t>(1, 1000000 / std::max<int64_t>(1, 2 * m * w.k() * kPanel));
-  const int64_t row_blocks = (m + kMaxRows - 1) / kMaxRows;
-  at::parallel_for(0, w.num_panels(), grain, [&](int64_t begin, int64_t end) {
-    for (int64_t panel = begin; panel < end; ++panel) {
-      const int64_t j0 = panel * kPanel, cols = std::min(kPanel, w.n() - j0);
-      // The panel stays in cache while every block of rows runs over it. Blocks of
-      // near-equal rows: with fewer than 4 rows (8 accumulators) the FMA latency,
-      // not their throughput, bounds the microkernel.
-      for (int64_t block = 0, i = 0; block < row_blocks; ++block) {
-        const int64_t rows = (m - i) / (row_blocks - block);
-        kernels[rows - 1](w.k(), a + i * lda, lda, w.panel(panel), beta != 0, c + i * ldc + j0, ldc, cols);
-        i += rows;
+  // Rows go in chunks of about 256 KiB of A, which stay in L2 while every panel passes
+  // over them; the GEMMs of one step are a single chunk.
+  constexpr int64_t kChunkFloats = 64 * 1024;
+  const int64_t chunk_rows = std::max<int64_t>(1, kChunkFloats / std::max<int64_t>(1, w.k()) / kMaxRows) * kMaxRows;
+  for (int64_t i0 = 0; i0 < m; i0 += chunk_rows) {
+    const int64_t mc = std::min(chunk_rows, m - i0);
+    const float* a_chunk = a + i0 * lda;
+    float* c_chunk = c + i0 * ldc;
+    // Waking another thread costs microseconds: each one gets at least ~1 Mflop.
+    const int64_t grain = std::max<int64_t>(1, 1000000 / std::max<int64_t>(1, 2 * mc * w.k() * kPanel));
+    const int64_t row_blocks = (mc + kMaxRows - 1) / kMaxRows;
+    at::parallel_for(0, w.num_panels(), grain, [&](int64_t begin, int64_t end) {
+      for (int64_t panel = begin; panel < end; ++panel) {
+        const int64_t j0 = panel * kPanel, cols = std::min(kPanel, w.n() - j0);
+        // The panel stays in cache while every block of rows runs over it. Blocks of
+        // near-equal rows: with fewer than 4 rows (8 accumulators) the FMA latency,
+        // not their throughput, bounds the microkernel.
+        for (int64_t block = 0, i = 0; block < row_blocks; ++block) {
+          const int64_t rows = (mc - i) / (row_blocks - block);
+          kernels[rows - 1](w.k(), a_chunk + i * lda, lda, w.panel(panel), beta != 0, c_chunk + i * ldc + j0,
+                            ldc, cols);
+          i += rows;
+        }
       }
-    }
-  });
+    });
+  }
 }
 
 }  // namespace lstm_ext
