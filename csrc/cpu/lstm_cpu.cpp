@@ -1,7 +1,7 @@
-// CPU backend: the per-step float32 GEMMs of multi-step calls run packed_gemm on weights
-// packed once per call; the other GEMMs call the BLAS that torch itself links (MKL or
-// OpenBLAS export the Fortran sgemm_/dgemm_), so a step costs no dispatcher round trip
-// and no allocation. The pointwise cell kernels are vectorized and run parallel over
+// CPU backend: the float32/float64 GEMMs of multi-step calls (input projection, per-step
+// GEMMs, dx) run packed_gemm on weights packed once per call; the other GEMMs call the
+// BLAS that torch itself links (MKL or OpenBLAS export the Fortran sgemm_/dgemm_), so a
+// step costs no dispatcher round trip and no allocation. The pointwise cell kernels are vectorized and run parallel over
 // blocks of the batch x hidden elements.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -28,17 +28,11 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace lstm_ext {
 
 // Vector lanes run the shared gate math through ATen's vectorized exp (SLEEF, 1 ulp)
-// and, for float32, vec_tanh; the scalar tail and half/bfloat16 use the plain path.
+// and vec_tanh; the scalar tail and half/bfloat16 use the plain path.
 template <typename T>
 struct Math<at::vec::Vectorized<T>> {
   static at::vec::Vectorized<T> exp(const at::vec::Vectorized<T>& x) { return x.exp(); }
-  static at::vec::Vectorized<T> tanh(const at::vec::Vectorized<T>& x) {
-    if constexpr (std::is_same_v<T, float>) {
-      return vec_tanh(x);
-    } else {
-      return x.tanh();
-    }
-  }
+  static at::vec::Vectorized<T> tanh(const at::vec::Vectorized<T>& x) { return vec_tanh(x); }
 };
 
 namespace {
@@ -106,7 +100,7 @@ void cell_forward_at(scalar_t* g, const scalar_t* bias, const scalar_t* c_prev, 
 template <typename scalar_t>
 struct CpuWeight {
   WeightOperand<scalar_t> operand;
-  std::optional<PackedWeight> packed;
+  std::optional<PackedWeight<scalar_t>> packed;
 };
 
 // Packing reads and writes the whole weight once: worth it only when the packed copy
@@ -114,11 +108,11 @@ struct CpuWeight {
 constexpr int64_t kMinStepsToPack = 8;
 
 struct CpuBackend {
-  // Float32 weights are packed for packed_gemm; other types keep the BLAS/ATen path.
+  // Float32 and float64 weights are packed for packed_gemm; half and bfloat16 keep the ATen path.
   template <typename scalar_t>
   static CpuWeight<scalar_t> prepare(const WeightOperand<scalar_t>& w, int64_t steps) {
     CpuWeight<scalar_t> prepared{w, std::nullopt};
-    if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (kVectorized<scalar_t>) {
       if (steps >= kMinStepsToPack && w.rows > 0) prepared.packed.emplace(w);
     }
     return prepared;
@@ -127,7 +121,7 @@ struct CpuBackend {
   template <typename scalar_t>
   static void gemm(int64_t m, const scalar_t* a, int64_t lda, const CpuWeight<scalar_t>& w, float beta,
                    scalar_t* c, int64_t ldc) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (kVectorized<scalar_t>) {
       if (w.packed) return packed_gemm(m, a, lda, *w.packed, beta, c, ldc);
     }
     gemm(m, a, lda, w.operand, beta, c, ldc);
