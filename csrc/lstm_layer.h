@@ -304,6 +304,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   return {y, rows_at(y, last).clone(), rows_at(cells, last).clone(), gates, cells, hidden};
 }
 
+// dg^T a, the weight gradient over all steps. On CPU float64 it runs as (a^T dg)^T:
+// MKL's dgemm is 1.1-1.6x faster in that orientation here (float32: no difference).
+inline Tensor weight_grad(const Tensor& dg, const Tensor& a) {
+  if (dg.is_cpu() && dg.scalar_type() == at::kDouble) return at::mm(a.t(), dg).t().contiguous();
+  return at::mm(dg.t(), a);
+}
+
 // output_mask: which of (dx, weight gradients, bias gradient) to compute; the others
 // come back empty. dh0 and dc0 are always computed: they cost nothing extra.
 template <class Backend>
@@ -360,14 +367,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   const Tensor dg2d = d_gates.view({d.T * d.N, 4 * d.H});
   Tensor dw_ih = none, dw_hh = none, dw_hr = none;
   if (output_mask[1]) {
-    dw_ih = at::mm(dg2d.t(), x.view({d.T * d.N, d.I}));
+    dw_ih = weight_grad(dg2d, x.view({d.T * d.N, d.I}));
     // Rows that continue a previous step read h from y there (zero where that row was
     // idle); rows that start a sequence read h0.
     const Tensor dg_carry = d_gates.narrow(0, d.reverse ? 0 : 1, d.T - 1).reshape({(d.T - 1) * d.N, 4 * d.H});
     const Tensor h_carry = y.narrow(0, d.reverse ? 1 : 0, d.T - 1).reshape({(d.T - 1) * d.N, d.P});
-    dw_hh = at::mm(dg_carry.t(), h_carry);
+    dw_hh = weight_grad(dg_carry, h_carry);
     dw_hh.addmm_(rows_at(d_gates, row_steps(d, batch_sizes, /*first=*/true, x.device())).t(), h0);
-    if (d.projected) dw_hr = at::mm(dhy.view({d.T * d.N, d.P}).t(), hidden.view({d.T * d.N, d.H}));
+    if (d.projected) dw_hr = weight_grad(dhy.view({d.T * d.N, d.P}), hidden.view({d.T * d.N, d.H}));
   }
   Tensor db = output_mask[2] ? dg2d.sum(0) : none;
   return {dx, dh0, dc, dw_ih, dw_hh, db, dw_hr};
