@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <array>
 #include <optional>
 #include <tuple>
@@ -200,33 +201,56 @@ inline Tensor rows_at(const Tensor& seq, const std::variant<int64_t, Tensor>& st
   return seq.index({per_row, at::arange(seq.size(1), per_row.options())});
 }
 
+// Where a forward keeps its per-step state. For the backward (per_step): every step's
+// gates, cells and, with a projection, unprojected h. For inference: the gates of a block
+// of steps, reused from block to block, one step's h, and the running cells, updated in
+// place from c0; all stay small and hot in cache, and a forward allocates far less.
+template <typename scalar_t>
+struct ForwardState {
+  scalar_t* gates;      // (T or block_steps, N, 4H)
+  scalar_t* cells;      // (T, N, H), or (N, H) holding c0 on entry and c_n on exit
+  scalar_t* hidden;     // (T or 1, N, H), only with a projection
+  bool per_step;
+  int64_t block_steps;  // steps per input-projection GEMM: T when per_step
+};
+
 template <class Backend, typename scalar_t>
 void forward_time_loop(const LayerDims& d, const std::vector<Step>& steps, const scalar_t* x,
-                       const scalar_t* w_ih, const scalar_t* bias, scalar_t* gates, const scalar_t* w_hh,
-                       const scalar_t* w_hr, const scalar_t* h0, const scalar_t* c0, scalar_t* y,
-                       scalar_t* cells, scalar_t* hidden) {
+                       const scalar_t* w_ih, const scalar_t* bias, const scalar_t* w_hh, const scalar_t* w_hr,
+                       const scalar_t* h0, const scalar_t* c0, scalar_t* y, const ForwardState<scalar_t>& st) {
   const int64_t G = 4 * d.H;
+  const int64_t cells_stride = st.per_step ? d.N * d.H : 0;
   const auto w_ih_t = Backend::prepare(WeightOperand<scalar_t>{w_ih, G, d.I, true}, d.T);
-  Backend::gemm(d.T * d.N, x, d.I, w_ih_t, 0, gates, G);
   const auto w_hh_t = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, true}, d.T);
   // Without a projection w_hr is null: its operand is left empty, and unused.
   const auto w_hr_t = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.projected ? d.P : 0, d.H, true}, d.T);
-  for (const Step& s : steps) {
-    if (s.rows == 0) continue;
-    scalar_t* g = gates + s.t * d.N * G;
-    if (s.n_carry > 0) {
-      Backend::gemm(s.n_carry, y + s.prev * d.N * d.P, d.P, w_hh_t, 1, g, G);
-    }
-    if (s.rows > s.n_carry) {
-      Backend::gemm(s.rows - s.n_carry, h0 + s.n_carry * d.P, d.P, w_hh_t, 1, g + s.n_carry * G, G);
-    }
-    scalar_t* y_t = y + s.t * d.N * d.P;
-    scalar_t* h_t = d.projected ? hidden + s.t * d.N * d.H : y_t;
-    ForwardStep<scalar_t> step{g, bias, s.prev < 0 ? nullptr : cells + s.prev * d.N * d.H, c0,
-                               cells + s.t * d.N * d.H, h_t, s.rows, s.n_carry, d.H};
-    Backend::cell_forward(step);
-    if (d.projected) {
-      Backend::gemm(s.rows, h_t, d.H, w_hr_t, 0, y_t, d.P);
+  for (int64_t s0 = 0; s0 < d.T; s0 += st.block_steps) {
+    // One GEMM projects the inputs of the block's steps, times [t_lo, t_lo + n).
+    const int64_t n = std::min(st.block_steps, d.T - s0);
+    const int64_t t_lo = d.reverse ? d.T - s0 - n : s0;
+    scalar_t* g_block = st.gates + (st.per_step ? t_lo * d.N * G : 0);
+    Backend::gemm(n * d.N, x + t_lo * d.N * d.I, d.I, w_ih_t, 0, g_block, G);
+    for (int64_t k = s0; k < s0 + n; ++k) {
+      const Step& s = steps[k];
+      if (s.rows == 0) continue;
+      scalar_t* g = g_block + (s.t - t_lo) * d.N * G;
+      if (s.n_carry > 0) {
+        Backend::gemm(s.n_carry, y + s.prev * d.N * d.P, d.P, w_hh_t, 1, g, G);
+      }
+      if (s.rows > s.n_carry) {
+        Backend::gemm(s.rows - s.n_carry, h0 + s.n_carry * d.P, d.P, w_hh_t, 1, g + s.n_carry * G, G);
+      }
+      scalar_t* y_t = y + s.t * d.N * d.P;
+      scalar_t* h_t = d.projected ? st.hidden + s.t * cells_stride : y_t;
+      // In place for inference: every element reads its own previous cell before writing it.
+      const scalar_t* c_carry =
+          st.per_step ? (s.prev < 0 ? nullptr : st.cells + s.prev * cells_stride) : st.cells;
+      ForwardStep<scalar_t> step{g, bias, c_carry, st.per_step ? c0 : st.cells, st.cells + s.t * cells_stride,
+                                 h_t, s.rows, s.n_carry, d.H};
+      Backend::cell_forward(step);
+      if (d.projected) {
+        Backend::gemm(s.rows, h_t, d.H, w_hr_t, 0, y_t, d.P);
+      }
     }
   }
 }
@@ -266,11 +290,13 @@ void backward_time_loop(const LayerDims& d, const std::vector<Step>& steps, cons
   }
 }
 
+// for_backward: also return what lstm_backward needs (gates, cells, hidden); otherwise
+// those come back empty and the forward keeps only one step of them.
 template <class Backend>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_impl(
     const Tensor& x_in, const Tensor& h0_in, const Tensor& c0_in, const Tensor& w_ih_in,
     const Tensor& w_hh_in, const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr_in,
-    const OptTensor& batch_sizes, bool reverse) {
+    const OptTensor& batch_sizes, bool reverse, bool for_backward) {
   const LayerDims d =
       check_layer_inputs(x_in, h0_in, c0_in, w_ih_in, w_hh_in, b_ih, b_hh, w_hr_in, batch_sizes, reverse);
   const Tensor x = x_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
@@ -280,28 +306,55 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
   const auto opts = x.options();
   // Rows a packed step skips must read as zeros in y and the saved state.
   auto buffer = [&](at::IntArrayRef shape) { return d.packed ? at::zeros(shape, opts) : at::empty(shape, opts); };
+  // Inference projects blocks of steps whose gates take about 512 KiB, half an L2 here.
+  const int64_t step_bytes = std::max<int64_t>(1, d.N * 4 * d.H * x.element_size());
+  const int64_t block_steps = for_backward ? d.T : std::clamp<int64_t>((512 << 10) / step_bytes, 1, d.T);
 
   // The cell kernels add the bias: broadcasting it into the gates before the input
   // projection cost a pass over all T x N x 4H of them (5% of a forward at H=128).
-  Tensor gates = at::empty({d.T, d.N, 4 * d.H}, opts);
+  Tensor gates = at::empty({block_steps, d.N, 4 * d.H}, opts);
   const Tensor bias = b_ih && b_hh ? *b_ih + *b_hh
                       : b_ih        ? b_ih->contiguous()
                       : b_hh        ? b_hh->contiguous()
                                     : at::zeros({4 * d.H}, opts);
   Tensor y = buffer({d.T, d.N, d.P});
-  Tensor cells = buffer({d.T, d.N, d.H});
-  Tensor hidden = d.projected ? buffer({d.T, d.N, d.H}) : at::empty({0}, opts);
+  Tensor cells = for_backward ? buffer({d.T, d.N, d.H}) : c0.clone(at::MemoryFormat::Contiguous);
+  Tensor hidden = d.projected ? buffer({for_backward ? d.T : 1, d.N, d.H}) : at::empty({0}, opts);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lstm_forward", [&] {
+    const ForwardState<scalar_t> state{gates.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
+                                       d.projected ? hidden.data_ptr<scalar_t>() : nullptr, for_backward,
+                                       block_steps};
     forward_time_loop<Backend, scalar_t>(
         d, steps, x.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(),
-        gates.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(), d.projected ? w_hr.data_ptr<scalar_t>() : nullptr, h0.data_ptr<scalar_t>(),
-        c0.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), cells.data_ptr<scalar_t>(),
-        d.projected ? hidden.data_ptr<scalar_t>() : nullptr);
+        w_hh.data_ptr<scalar_t>(), d.projected ? w_hr.data_ptr<scalar_t>() : nullptr, h0.data_ptr<scalar_t>(),
+        c0.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), state);
   });
 
   const auto last = row_steps(d, batch_sizes, /*first=*/false, x.device());
-  return {y, rows_at(y, last).clone(), rows_at(cells, last).clone(), gates, cells, hidden};
+  const Tensor h_n = rows_at(y, last).clone();
+  if (!for_backward) {
+    const Tensor none = at::empty({0}, opts);
+    return {y, h_n, cells, none, none, none};
+  }
+  return {y, h_n, rows_at(cells, last).clone(), gates, cells, hidden};
+}
+
+template <class Backend>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
+    bool reverse) {
+  return lstm_forward_impl<Backend>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, true);
+}
+
+template <class Backend>
+std::tuple<Tensor, Tensor, Tensor> lstm_inference(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
+    bool reverse) {
+  auto out = lstm_forward_impl<Backend>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse, false);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
 // dg^T a, the weight gradient over all steps. On CPU float64 it runs as (a^T dg)^T:

@@ -1,6 +1,7 @@
 """Registers fake (meta) kernels and autograd for the compiled ``torch.ops.lstm_ext`` ops.
 
-``lstm_forward`` runs a whole layer; its backward is the ``lstm_backward`` op. When a
+``lstm_forward`` runs a whole layer; its backward is the ``lstm_backward`` op.
+``lstm_inference`` is the same layer without autograd, for calls that need no gradient. When a
 backward is itself recorded for differentiation (``create_graph=True``), gradients are
 instead taken through the plain-PyTorch reference layer, so second derivatives are exact.
 """
@@ -30,6 +31,13 @@ def _lstm_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, rev
         x.new_empty(T, N, H),
         hidden,
     )
+
+
+@torch.library.register_fake("lstm_ext::lstm_inference")
+def _lstm_inference_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    T, N, _ = x.shape
+    H, P = c0.shape[1], h0.shape[1]
+    return x.new_empty(T, N, P), x.new_empty(N, P), x.new_empty(N, H)
 
 
 @torch.library.register_fake("lstm_ext::lstm_backward")

@@ -247,6 +247,37 @@ def test_opcheck():
             [True, True, True],
         )
         torch.library.opcheck(torch.ops.lstm_ext.lstm_backward.default, bwd_args)
+        detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in args]
+        torch.library.opcheck(torch.ops.lstm_ext.lstm_inference.default, detached)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T, N, H", [(3, 5, 8), (12, 5, 8), (20, 64, 64)])  # the last: 3 blocks of steps
+@pytest.mark.parametrize("reverse, packed, proj", [
+    (False, False, 0), (True, False, 0), (False, True, 0), (True, True, 0), (False, False, 3), (True, True, 3),
+])
+def test_inference_matches_forward(device, dtype, T, N, H, reverse, packed, proj):
+    """lstm_inference projects blocks of steps into one reused buffer and updates the cells
+    in place; it must give lstm_forward's y, h_n and c_n. functional.lstm_layer picks it
+    when no gradient is needed."""
+    a = {k: v.detach().to(device) if v is not None else None
+         for k, v in make_layer(T, N, 6, H, P=proj, dtype=dtype, scale=0.3).items()}
+    batch_sizes = None
+    if packed:
+        batch_sizes = torch.tensor([N] * (T // 3) + [N - 1] * (T // 3) + [2] * (T - 2 * (T // 3)))
+        for t, n in enumerate(batch_sizes.tolist()):  # idle rows of a packed input are zero
+            a["x"][t, n:] = 0
+    args = (*a.values(), batch_sizes, reverse)
+    y, h, c, *_ = torch.ops.lstm_ext.lstm_forward(*args)
+    y_i, h_i, c_i = torch.ops.lstm_ext.lstm_inference(*args)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
+    for got, want in ((y_i, y), (h_i, h), (c_i, c)):
+        torch.testing.assert_close(got, want, **tol)
+    with torch.no_grad():
+        y_f, (h_f, c_f) = lstm_layer(a["x"], (a["h0"], a["c0"]), *list(a.values())[3:], reverse=reverse,
+                                     batch_sizes=batch_sizes)
+    assert torch.equal(y_f, y_i) and torch.equal(h_f, h_i) and torch.equal(c_f, c_i)
 
 
 def bad(**changes):

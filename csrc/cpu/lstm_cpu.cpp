@@ -210,6 +210,7 @@ struct CpuBackend {
 
 TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
   m.impl("lstm_forward", &lstm_forward<CpuBackend>);
+  m.impl("lstm_inference", &lstm_inference<CpuBackend>);
   m.impl("lstm_backward", &lstm_backward<CpuBackend>);
 }
 

@@ -98,6 +98,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
   return lstm_forward<CudaBackend>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
 }
 
+std::tuple<Tensor, Tensor, Tensor> lstm_inference_cuda(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
+    bool reverse) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return lstm_inference<CudaBackend>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
     const OptTensor& grad_y, const OptTensor& grad_hn, const OptTensor& grad_cn, const Tensor& x,
     const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& w_hr,
@@ -112,6 +120,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
 
 TORCH_LIBRARY_IMPL(lstm_ext, CUDA, m) {
   m.impl("lstm_forward", &lstm_forward_cuda);
+  m.impl("lstm_inference", &lstm_inference_cuda);
   m.impl("lstm_backward", &lstm_backward_cuda);
 }
 
