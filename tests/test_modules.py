@@ -154,6 +154,28 @@ def test_lstm_packed(num_layers, bidirectional, proj_size, enforce_sorted, given
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("bidirectional,proj_size", [(False, 0), (True, 0), (True, P)])
+def test_lstm_no_grad_parity(bidirectional, proj_size, packed, dtype):
+    """Under no_grad the layers run the lstm_inference op (no saved state): same outputs."""
+    ref, ext = make_pair(
+        dtype=dtype, input_size=I, hidden_size=H, num_layers=2, bidirectional=bidirectional,
+        proj_size=proj_size, batch_first=True,
+    )
+    rows = 2 * (2 if bidirectional else 1)
+    x = rand(5, 20, I, dtype=dtype)
+    hx = (rand(rows, 5, proj_size or H, dtype=dtype), rand(rows, 5, H, dtype=dtype))
+    inp = pack_padded_sequence(x, [7, 20, 1, 13, 20], batch_first=True, enforce_sorted=False) if packed else x
+    with torch.no_grad():
+        (y_ref, (h_ref, c_ref)), (y, (h, c)) = ref(inp, hx), ext(inp, hx)
+    if packed:
+        y_ref, y = y_ref.data, y.data
+    close(y, y_ref, dtype, "y")
+    close(h, h_ref, dtype, "h")
+    close(c, c_ref, dtype, "c")
+
+
 @pytest.mark.parametrize("given_hx", [True, False], ids=["hx", "nohx"])
 @pytest.mark.parametrize("batch_first", [False, True], ids=["tf", "bf"])
 @pytest.mark.parametrize("bidirectional,proj_size", [(False, 0), (True, P)])
