@@ -30,7 +30,9 @@ class PackedWeight {
     // op(W)[p, j] = w.data[p * sk + j * sn]
     const int64_t sk = w.transposed ? 1 : w.cols, sn = w.transposed ? w.cols : 1;
     scalar_t* out = panels_.data_ptr<scalar_t>();
-    at::parallel_for(0, num_panels_, 1, [&](int64_t begin, int64_t end) {
+    // A small weight packs faster than another thread wakes up: ~64K elements each.
+    const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, kPanel * k_));
+    at::parallel_for(0, num_panels_, grain, [&](int64_t begin, int64_t end) {
       for (int64_t panel = begin; panel < end; ++panel) {
         scalar_t* dst = out + panel * kPanel * k_;
         const int64_t j0 = panel * kPanel, cols = std::min(kPanel, n_ - j0);
