@@ -81,21 +81,28 @@ void microkernel(int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b, b
       acc[r][1] = at::vec::fmadd(ar, b1, acc[r][1]);
     }
   }
+  // The accumulators leave registers once, here: an epilogue working on them directly
+  // (loads of C, a partial-panel branch) made GCC spill five of them at every step of
+  // the k loop.
+  scalar_t out[MR * kPanel];
 #pragma GCC unroll kMaxRows
   for (int r = 0; r < MR; ++r) {
+    acc[r][0].store(out + r * kPanel);
+    acc[r][1].store(out + r * kPanel + Vec::size());
+  }
+  for (int r = 0; r < MR; ++r) {
     scalar_t* cr = c + r * ldc;
+    const scalar_t* o = out + r * kPanel;
     if (cols == kPanel) {
+      Vec lo = Vec::loadu(o), hi = Vec::loadu(o + Vec::size());
       if (accumulate) {
-        acc[r][0] += Vec::loadu(cr);
-        acc[r][1] += Vec::loadu(cr + Vec::size());
+        lo = lo + Vec::loadu(cr);
+        hi = hi + Vec::loadu(cr + Vec::size());
       }
-      acc[r][0].store(cr);
-      acc[r][1].store(cr + Vec::size());
+      lo.store(cr);
+      hi.store(cr + Vec::size());
     } else {  // last, partial panel
-      scalar_t tmp[kPanel];
-      acc[r][0].store(tmp);
-      acc[r][1].store(tmp + Vec::size());
-      for (int64_t j = 0; j < cols; ++j) cr[j] = tmp[j] + (accumulate ? cr[j] : scalar_t(0));
+      for (int64_t j = 0; j < cols; ++j) cr[j] = o[j] + (accumulate ? cr[j] : scalar_t(0));
     }
   }
 }
