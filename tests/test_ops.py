@@ -218,6 +218,29 @@ def test_vector_tanh_within_a_few_ulp_over_the_range(dtype, max_ulp):
         f"tanh({values.flatten()[err_ulp.argmax()].item()}) off by {err_ulp.max():.2f} ulp")
 
 
+def test_float32_sigmoid_within_a_few_ulp_over_the_range():
+    """The float32 CPU kernel has its own inline exp: c_T = sigmoid(pre_i) exactly when
+    g saturates to 1 and c0 = 0, so compare it with float64 sigmoid. Below 1e-37 (x < -85)
+    the kernel may round to any value that small (it clamps e^-x at e^87.3)."""
+    H = 64
+    values = torch.cat([torch.linspace(-100, 100, 40001, dtype=torch.float64),
+                        torch.logspace(-30, 1, 10000, dtype=torch.float64)]).float()
+    values = torch.cat([values, -values])
+    values = torch.cat([values, values.new_zeros(-values.numel() % H)]).view(-1, H)
+    N = values.shape[0]
+    saturate = torch.full((N, H), 40.0)
+    x = torch.cat([values, -saturate, saturate, saturate], dim=1).unsqueeze(0)
+    zeros = torch.zeros(N, H)
+    _, (_, c) = lstm_layer(x, (zeros, zeros), torch.eye(4 * H), torch.zeros(4 * H, H))
+    exact = torch.sigmoid(values.double())
+    ulp = (torch.nextafter(exact.float(), torch.tensor(float("inf"))) - exact.float()).double()
+    err = (c.double() - exact).abs()
+    assert (err <= 3 * ulp + 1e-37).all(), (
+        f"sigmoid({values.flatten()[(err / ulp).argmax()].item()}) off by {(err / ulp).max():.2f} ulp")
+    assert torch.isnan(lstm_layer(torch.full((1, 1, 4 * H), float("nan")), (zeros[:1], zeros[:1]),
+                                  torch.eye(4 * H), torch.zeros(4 * H, H))[0]).all()
+
+
 def test_bfloat16_close_to_float64():
     a64 = make_layer(6, 3, 8, 16)
     a16 = {k: v.detach().to(torch.bfloat16).requires_grad_() for k, v in a64.items() if v is not None}
