@@ -526,6 +526,17 @@ def test_lstm_compile_fullgraph(backend):
             close(param.grad, grads[name], torch.float32, name)
 
 
+def test_lstm_compile_fullgraph_no_grad():
+    """Inference traces the lstm_inference op (no autograd) without graph breaks."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Tagger().eval()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(N, T, I)
+    with torch.no_grad():
+        close(compiled(x), model(x), torch.float32)
+
+
 def _functional(module: nn.Module) -> tuple[Callable, tuple[Tensor, ...]]:
     """``module`` as a function of (x, h0, c0, *parameters), with those inputs."""
     names = [n for n, _ in module.named_parameters()]
