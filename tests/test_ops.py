@@ -241,6 +241,26 @@ def test_float32_sigmoid_within_a_few_ulp_over_the_range():
                                   torch.eye(4 * H), torch.zeros(4 * H, H))[0]).all()
 
 
+@pytest.mark.parametrize("which", ["b_ih", "b_hh"])
+@pytest.mark.parametrize("grad", [True, False], ids=["forward", "inference"])
+def test_single_bias_matches_reference(which, grad):
+    """The kernels add b_ih + b_hh in the cell math; either bias alone must work too."""
+    a = make_layer(12, 3, 4, 5)
+    other = "b_hh" if which == "b_ih" else "b_ih"
+    a[other] = None
+    with torch.set_grad_enabled(grad):
+        y, h, c = run(a)
+    y_ref, h_ref, c_ref = lstm_layer_reference(*a.values())
+    for got, want in ((y, y_ref), (h, h_ref), (c, c_ref)):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+    if grad:
+        wrt = [t for t in a.values() if t is not None]
+        got = torch.autograd.grad((y.sum(), c.sum()), wrt)
+        want = torch.autograd.grad((y_ref.sum(), c_ref.sum()), wrt)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, **TOL[torch.float64])
+
+
 def test_bfloat16_close_to_float64():
     a64 = make_layer(6, 3, 8, 16)
     a16 = {k: v.detach().to(torch.bfloat16).requires_grad_() for k, v in a64.items() if v is not None}
