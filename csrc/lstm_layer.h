@@ -12,7 +12,8 @@
 //   prepare(W, steps): called once per op call for each weight of the forward and the
 //     per-step backward GEMMs (which then serve `steps` steps), so that the backend can
 //     lay it out for them once rather than at every step;
-//   cell_forward(const ForwardStep<scalar_t>&) and cell_backward(const BackwardStep<scalar_t>&).
+//   cell_forward(const ForwardStep<scalar_t>&) and cell_backward(const BackwardStep<scalar_t>&);
+//   weight_grad(dg, a): dg^T a, a weight gradient over all steps, from 2-D tensors.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -219,7 +220,8 @@ void forward_time_loop(const LayerDims& d, const std::vector<Step>& steps, const
                        const scalar_t* w_ih, const scalar_t* bias, const scalar_t* w_hh, const scalar_t* w_hr,
                        const scalar_t* h0, const scalar_t* c0, scalar_t* y, const ForwardState<scalar_t>& st) {
   const int64_t G = 4 * d.H;
-  const int64_t cells_stride = st.per_step ? d.N * d.H : 0;
+  // Per-step stride of the (N, H) cells and hidden: 0 for inference, which reuses one.
+  const int64_t state_stride = st.per_step ? d.N * d.H : 0;
   const auto w_ih_t = Backend::prepare(WeightOperand<scalar_t>{w_ih, G, d.I, true}, d.T);
   const auto w_hh_t = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, true}, d.T);
   // Without a projection w_hr is null: its operand is left empty, and unused.
@@ -241,11 +243,11 @@ void forward_time_loop(const LayerDims& d, const std::vector<Step>& steps, const
         Backend::gemm(s.rows - s.n_carry, h0 + s.n_carry * d.P, d.P, w_hh_t, 1, g + s.n_carry * G, G);
       }
       scalar_t* y_t = y + s.t * d.N * d.P;
-      scalar_t* h_t = d.projected ? st.hidden + s.t * cells_stride : y_t;
+      scalar_t* h_t = d.projected ? st.hidden + s.t * state_stride : y_t;
       // In place for inference: every element reads its own previous cell before writing it.
       const scalar_t* c_carry =
-          st.per_step ? (s.prev < 0 ? nullptr : st.cells + s.prev * cells_stride) : st.cells;
-      ForwardStep<scalar_t> step{g, bias, c_carry, st.per_step ? c0 : st.cells, st.cells + s.t * cells_stride,
+          st.per_step ? (s.prev < 0 ? nullptr : st.cells + s.prev * state_stride) : st.cells;
+      ForwardStep<scalar_t> step{g, bias, c_carry, st.per_step ? c0 : st.cells, st.cells + s.t * state_stride,
                                  h_t, s.rows, s.n_carry, d.H};
       Backend::cell_forward(step);
       if (d.projected) {
@@ -357,13 +359,6 @@ std::tuple<Tensor, Tensor, Tensor> lstm_inference(
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }
 
-// dg^T a, the weight gradient over all steps. On CPU float64 it runs as (a^T dg)^T:
-// MKL's dgemm is 1.1-1.6x faster in that orientation here (float32: no difference).
-inline Tensor weight_grad(const Tensor& dg, const Tensor& a) {
-  if (dg.is_cpu() && dg.scalar_type() == at::kDouble) return at::mm(a.t(), dg).t().contiguous();
-  return at::mm(dg.t(), a);
-}
-
 // output_mask: which of (dx, weight gradients, bias gradient) to compute; the others
 // come back empty. dh0 and dc0 are always computed: they cost nothing extra.
 template <class Backend>
@@ -420,14 +415,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward
   const Tensor dg2d = d_gates.view({d.T * d.N, 4 * d.H});
   Tensor dw_ih = none, dw_hh = none, dw_hr = none;
   if (output_mask[1]) {
-    dw_ih = weight_grad(dg2d, x.view({d.T * d.N, d.I}));
+    dw_ih = Backend::weight_grad(dg2d, x.view({d.T * d.N, d.I}));
     // Rows that continue a previous step read h from y there (zero where that row was
     // idle); rows that start a sequence read h0.
     const Tensor dg_carry = d_gates.narrow(0, d.reverse ? 0 : 1, d.T - 1).reshape({(d.T - 1) * d.N, 4 * d.H});
     const Tensor h_carry = y.narrow(0, d.reverse ? 1 : 0, d.T - 1).reshape({(d.T - 1) * d.N, d.P});
-    dw_hh = weight_grad(dg_carry, h_carry);
+    dw_hh = Backend::weight_grad(dg_carry, h_carry);
     dw_hh.addmm_(rows_at(d_gates, row_steps(d, batch_sizes, /*first=*/true, x.device())).t(), h0);
-    if (d.projected) dw_hr = weight_grad(dhy.view({d.T * d.N, d.P}), hidden.view({d.T * d.N, d.H}));
+    if (d.projected) dw_hr = Backend::weight_grad(dhy.view({d.T * d.N, d.P}), hidden.view({d.T * d.N, d.H}));
   }
   Tensor db = output_mask[2] ? dg2d.sum(0) : none;
   return {dx, dh0, dc, dw_ih, dw_hh, db, dw_hr};

@@ -1,8 +1,8 @@
 // CPU backend: the float32/float64 GEMMs of multi-step calls (input projection, per-step
 // GEMMs, dx) run packed_gemm on weights packed once per call; the other GEMMs call the
 // BLAS that torch itself links (MKL or OpenBLAS export the Fortran sgemm_/dgemm_), so a
-// step costs no dispatcher round trip and no allocation. The pointwise cell kernels are vectorized and run parallel over
-// blocks of the batch x hidden elements.
+// step costs no dispatcher round trip and no allocation. The pointwise cell kernels are
+// vectorized and run parallel over blocks of the batch x hidden elements.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -145,6 +145,13 @@ struct CpuBackend {
     }
     // Half, bfloat16, or no Fortran BLAS in this torch: let ATen do it.
     aten_gemm(at::kCPU, m, a, lda, op, beta, c, ldc);
+  }
+
+  // dg^T a. Float64 runs as (a^T dg)^T: MKL's dgemm is 1.1-1.6x faster in that
+  // orientation here (float32: no difference).
+  static at::Tensor weight_grad(const at::Tensor& dg, const at::Tensor& a) {
+    if (dg.scalar_type() == at::kDouble) return at::mm(a.t(), dg).t().contiguous();
+    return at::mm(dg.t(), a);
   }
 
   template <typename scalar_t>

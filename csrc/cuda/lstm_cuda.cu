@@ -75,6 +75,8 @@ struct CudaBackend {
     aten_gemm(device, m, a, lda, w, beta, c, ldc);
   }
 
+  static Tensor weight_grad(const Tensor& dg, const Tensor& a) { return at::mm(dg.t(), a); }
+
   template <typename scalar_t>
   static void cell_forward(const ForwardStep<scalar_t>& s) {
     cell_forward_kernel<scalar_t><<<blocks_for(s.rows * s.hidden), kThreads, 0,
