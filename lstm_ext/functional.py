@@ -39,9 +39,7 @@ def lstm_layer(
     """
     h0, c0 = hx
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    ):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:8]):
         y, h_n, c_n, _, _, _ = torch.ops.lstm_ext.lstm_forward(*args)
     else:  # nothing to differentiate: skip saving every step's gates and cells
         y, h_n, c_n = torch.ops.lstm_ext.lstm_inference(*args)

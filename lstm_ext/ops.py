@@ -1,9 +1,9 @@
 """Registers fake (meta) kernels and autograd for the compiled ``torch.ops.lstm_ext`` ops.
 
-``lstm_forward`` runs a whole layer; its backward is the ``lstm_backward`` op.
-``lstm_inference`` is the same layer without autograd, for calls that need no gradient. When a
+``lstm_forward`` runs a whole layer; its backward is the ``lstm_backward`` op. When a
 backward is itself recorded for differentiation (``create_graph=True``), gradients are
 instead taken through the plain-PyTorch reference layer, so second derivatives are exact.
+``lstm_inference`` is the same layer without autograd, for calls that need no gradient.
 """
 from __future__ import annotations
 

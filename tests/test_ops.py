@@ -194,50 +194,55 @@ def test_extreme_inputs_stay_finite():
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype, max_ulp", [(torch.float32, 3), (torch.float64, 4)])
-def test_vector_tanh_within_a_few_ulp_over_the_range(dtype, max_ulp):
-    """The CPU kernels have their own vectorized tanh: c_T = tanh(pre_g) exactly when the
-    input gate saturates to 1 and c0 = 0, so compare it with torch.tanh (float64 for
-    float32; for float64, torch's own 1-ulp tanh, hence one more ulp of slack)."""
+def activation_through_cell(values, gate, dtype=torch.float32):
+    """Runs ``values`` through one gate of a one-step layer whose c_T is exactly that
+    gate's activation: x @ eye(4H) passes the pre-activations through unchanged, the
+    other gates saturate so that c_T = i * g with the other factor 1 (c0 = 0, f = 0).
+    Returns the values laid out (N, H) and c_T."""
     H = 64
-    mags = torch.logspace(-30, 2, 20000, dtype=torch.float64)
-    values = torch.cat([mags, -mags, torch.linspace(-10, 10, 20001, dtype=torch.float64),
-                        torch.linspace(0.5, 0.6, 4003, dtype=torch.float64)]).to(dtype)
-    values = torch.cat([values, values.new_zeros(-values.numel() % H)]).view(-1, H)
+    values = torch.cat([values, values.new_zeros(-values.numel() % H)]).view(-1, H).to(dtype)
     N = values.shape[0]
     saturate = torch.full((N, H), 40.0, dtype=dtype)
-    # x @ eye(4H) passes the pre-activations through exactly: (i, f, g, o) = (1, 0, tanh, 1).
-    x = torch.cat([saturate, -saturate, values, saturate], dim=1).unsqueeze(0)
+    blocks = {"i": [values, -saturate, saturate, saturate], "g": [saturate, -saturate, values, saturate]}[gate]
+    x = torch.cat(blocks, dim=1).unsqueeze(0)
     zeros = torch.zeros(N, H, dtype=dtype)
     _, (_, c) = lstm_layer(x, (zeros, zeros), torch.eye(4 * H, dtype=dtype), torch.zeros(4 * H, H, dtype=dtype))
+    return values, c
+
+
+def ulp_of(exact, dtype):
+    """The spacing of ``dtype`` at |exact|, as float64."""
+    mag = exact.to(dtype).abs()
+    return (torch.nextafter(mag, torch.tensor(float("inf"), dtype=dtype)) - mag).double()
+
+
+@pytest.mark.parametrize("dtype, max_ulp", [(torch.float32, 3), (torch.float64, 4)])
+def test_vector_tanh_within_a_few_ulp_over_the_range(dtype, max_ulp):
+    """The CPU kernels have their own vectorized tanh; compare it with torch.tanh (float64
+    for float32; for float64, torch's own 1-ulp tanh, hence one more ulp of slack)."""
+    mags = torch.logspace(-30, 2, 20000, dtype=torch.float64)
+    values, c = activation_through_cell(
+        torch.cat([mags, -mags, torch.linspace(-10, 10, 20001, dtype=torch.float64),
+                   torch.linspace(0.5, 0.6, 4003, dtype=torch.float64)]), "g", dtype)
     exact = torch.tanh(values.double())
-    ulp = (torch.nextafter(exact.to(dtype).abs(), torch.tensor(float("inf"), dtype=dtype))
-           - exact.to(dtype).abs()).double()
-    err_ulp = (c.double() - exact).abs() / ulp
+    err_ulp = (c.double() - exact).abs() / ulp_of(exact, dtype)
     assert err_ulp.max() <= max_ulp, (
         f"tanh({values.flatten()[err_ulp.argmax()].item()}) off by {err_ulp.max():.2f} ulp")
 
 
 def test_float32_sigmoid_within_a_few_ulp_over_the_range():
-    """The float32 CPU kernel has its own inline exp: c_T = sigmoid(pre_i) exactly when
-    g saturates to 1 and c0 = 0, so compare it with float64 sigmoid. Below 1e-37 (x < -85)
-    the kernel may round to any value that small (it clamps e^-x at e^87.3)."""
-    H = 64
+    """The float32 CPU kernel has its own inline exp; compare sigmoid with float64. Below
+    1e-37 (x < -85) the kernel may round to any value that small (it clamps e^-x at e^87.3)."""
     values = torch.cat([torch.linspace(-100, 100, 40001, dtype=torch.float64),
                         torch.logspace(-30, 1, 10000, dtype=torch.float64)]).float()
-    values = torch.cat([values, -values])
-    values = torch.cat([values, values.new_zeros(-values.numel() % H)]).view(-1, H)
-    N = values.shape[0]
-    saturate = torch.full((N, H), 40.0)
-    x = torch.cat([values, -saturate, saturate, saturate], dim=1).unsqueeze(0)
-    zeros = torch.zeros(N, H)
-    _, (_, c) = lstm_layer(x, (zeros, zeros), torch.eye(4 * H), torch.zeros(4 * H, H))
+    values, c = activation_through_cell(torch.cat([values, -values]), "i")
     exact = torch.sigmoid(values.double())
-    ulp = (torch.nextafter(exact.float(), torch.tensor(float("inf"))) - exact.float()).double()
+    ulp = ulp_of(exact, torch.float32)
     err = (c.double() - exact).abs()
     assert (err <= 3 * ulp + 1e-37).all(), (
         f"sigmoid({values.flatten()[(err / ulp).argmax()].item()}) off by {(err / ulp).max():.2f} ulp")
-    assert torch.isnan(lstm_layer(torch.full((1, 1, 4 * H), float("nan")), (zeros[:1], zeros[:1]),
+    H, zeros = 64, torch.zeros(1, 64)
+    assert torch.isnan(lstm_layer(torch.full((1, 1, 4 * H), float("nan")), (zeros, zeros),
                                   torch.eye(4 * H), torch.zeros(4 * H, H))[0]).all()
 
 

@@ -27,17 +27,11 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace lstm_ext {
 
-// Vector lanes run the shared gate math through vec_math.h (float32 exp and tanh,
-// float64 tanh) and ATen's exp; the scalar tail and half/bfloat16 use the plain path.
+// Vector lanes run the shared gate math through vec_math.h; the scalar tail and
+// half/bfloat16 use the plain path.
 template <typename T>
 struct Math<at::vec::Vectorized<T>> {
-  static at::vec::Vectorized<T> exp(const at::vec::Vectorized<T>& x) {
-    if constexpr (std::is_same_v<T, float>) {
-      return vec_exp(x);
-    } else {
-      return x.exp();
-    }
-  }
+  static at::vec::Vectorized<T> exp(const at::vec::Vectorized<T>& x) { return vec_exp(x); }
   static at::vec::Vectorized<T> tanh(const at::vec::Vectorized<T>& x) { return vec_tanh(x); }
 };
 

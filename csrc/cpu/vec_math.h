@@ -50,6 +50,8 @@ inline at::vec::Vectorized<float> vec_exp(const at::vec::Vectorized<float>& x) {
 #endif
 }
 
+inline at::vec::Vectorized<double> vec_exp(const at::vec::Vectorized<double>& x) { return x.exp(); }
+
 inline at::vec::Vectorized<float> vec_tanh(const at::vec::Vectorized<float>& x) {
   using Vec = at::vec::Vectorized<float>;
   const Vec ax = x.abs();
