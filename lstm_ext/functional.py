@@ -24,18 +24,21 @@ def lstm_layer(
     """Run one single-direction LSTM layer over a whole sequence in one fused call.
 
     Args:
-        x: input of shape (T, N, I), time first.
+        x: input of shape (T, N, I), time first; with ``batch_sizes``, PackedSequence.data
+            of shape (sum(batch_sizes), I).
         hx: (h0, c0) of shapes (N, P) and (N, H); P == H unless ``w_hr`` is given.
         w_ih, w_hh: (4H, I) and (4H, P), gates stacked in nn.LSTM's order i, f, g, o.
         b_ih, b_hh: optional biases of shape (4H).
         w_hr: optional projection (P, H): h_t = w_hr @ (o_t * tanh(c_t)), as ``proj_size``.
         reverse: process the sequence from t = T-1 down to 0.
         batch_sizes: optional int64 CPU tensor (T,), non-increasing, as in
-            ``PackedSequence``: step t only updates the first ``batch_sizes[t]`` rows.
-            The other rows keep their state and their output is zero.
+            ``PackedSequence``: step t takes the next ``batch_sizes[t]`` rows of x, which
+            update the first ``batch_sizes[t]`` of the N = batch_sizes[0] batch entries;
+            the others keep their state.
 
     Returns:
-        ``y`` (T, N, P) and ``(h_n, c_n)``, each row's state after its last step.
+        ``y`` (T, N, P), or (sum(batch_sizes), P) laid out as x, and ``(h_n, c_n)``, each
+        batch entry's state after its last step.
     """
     h0, c0 = hx
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)

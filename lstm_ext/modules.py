@@ -221,7 +221,8 @@ class LSTM(nn.Module):
     def _run_layers(
         self, x: Tensor, hx: _HiddenState, batch_sizes: Optional[Tensor]
     ) -> tuple[Tensor, _HiddenState]:
-        """Stack all layers over time-first ``x`` (T, N, I); hx is (L*D, N, *)."""
+        """Stack all layers over time-first ``x`` (T, N, I), or packed data (R, I) with
+        ``batch_sizes``; hx is (L*D, N, *)."""
         directions = (False, True) if self.bidirectional else (False,)
         h_n: list[Tensor] = []
         c_n: list[Tensor] = []
@@ -241,7 +242,7 @@ class LSTM(nn.Module):
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)
-            x = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+            x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
         return x, (torch.stack(h_n), torch.stack(c_n))
 
     @overload
@@ -300,12 +301,7 @@ class LSTM(nn.Module):
         data, batch_sizes, sorted_indices, unsorted_indices = packed
         # nn.LSTM reports these as RuntimeError for packed input.
         self._check_input(data, RuntimeError)
-        steps, batch = batch_sizes.numel(), int(batch_sizes[0])
-        # Packed rows are time-major: rows of step t are the first batch_sizes[t]
-        # batch entries. Scatter them into a zero-padded (T, N, I) grid and back.
-        valid = torch.arange(batch) < batch_sizes.unsqueeze(1)
-        rows = valid.flatten().nonzero().squeeze(1).to(data.device)
-        x = data.new_zeros(steps * batch, data.size(1)).index_copy(0, rows, data)
+        batch = int(batch_sizes[0])
         if hx is None:
             hx = self._zero_state(data, batch)
         else:
@@ -313,13 +309,9 @@ class LSTM(nn.Module):
             if sorted_indices is not None:
                 hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
 
-        y, (h_n, c_n) = self._run_layers(x.view(steps, batch, -1), hx, batch_sizes)
-        out = PackedSequence(
-            y.reshape(steps * batch, -1).index_select(0, rows),
-            batch_sizes,
-            sorted_indices,
-            unsorted_indices,
-        )
+        # The kernels take PackedSequence.data as it is: no padding to (T, N, I) and back.
+        y, (h_n, c_n) = self._run_layers(data, hx, batch_sizes)
+        out = PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices)
         if unsorted_indices is not None:
             h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
         return out, (h_n, c_n)

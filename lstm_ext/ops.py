@@ -20,24 +20,23 @@ _loader.load()
 
 @torch.library.register_fake("lstm_ext::lstm_forward")
 def _lstm_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
-    T, N, _ = x.shape
+    rows = x.shape[:-1]  # (T, N), or (R,) for packed data
     H, P = c0.shape[1], h0.shape[1]
-    hidden = x.new_empty(T, N, H) if w_hr is not None else x.new_empty(0)
+    hidden = x.new_empty(*rows, H) if w_hr is not None else x.new_empty(0)
     return (
-        x.new_empty(T, N, P),
-        x.new_empty(N, P),
-        x.new_empty(N, H),
-        x.new_empty(T, N, 4 * H),
-        x.new_empty(T, N, H),
+        x.new_empty(*rows, P),
+        x.new_empty(c0.shape[0], P),
+        x.new_empty(c0.shape),
+        x.new_empty(*rows, 4 * H),
+        x.new_empty(*rows, H),
         hidden,
     )
 
 
 @torch.library.register_fake("lstm_ext::lstm_inference")
 def _lstm_inference_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
-    T, N, _ = x.shape
-    H, P = c0.shape[1], h0.shape[1]
-    return x.new_empty(T, N, P), x.new_empty(N, P), x.new_empty(N, H)
+    P = h0.shape[1]
+    return x.new_empty(*x.shape[:-1], P), x.new_empty(c0.shape[0], P), x.new_empty(c0.shape)
 
 
 @torch.library.register_fake("lstm_ext::lstm_backward")

@@ -27,17 +27,23 @@ def lstm_layer_reference(
 
     Shapes: x (T, N, I), h0 (N, P), c0 (N, H), w_ih (4H, I), w_hh (4H, P),
     b_ih/b_hh (4H), w_hr (P, H) or None (then P == H). Gate order i, f, g, o.
-    ``batch_sizes`` (non-increasing, length T): step t updates only the first
-    ``batch_sizes[t]`` rows; other rows keep their state and get zero output.
-    Returns y (T, N, P), h_n (N, P), c_n (N, H).
+    With ``batch_sizes`` (non-increasing, length T), x is PackedSequence.data (R, I):
+    step t takes the next ``batch_sizes[t]`` rows, which update the first
+    ``batch_sizes[t]`` batch entries; the others keep their state.
+    Returns y (T, N, P) or, packed, (R, P); h_n (N, P), c_n (N, H).
     """
-    T = x.shape[0]
+    if batch_sizes is None:
+        sizes = [x.shape[1]] * x.shape[0]
+        inputs = list(x.unbind(0))
+    else:
+        sizes = batch_sizes.tolist()
+        inputs = list(x.split(sizes))
     h, c = h0, c0
-    outputs: list[Tensor] = [x.new_zeros(())] * T
-    steps = range(T - 1, -1, -1) if reverse else range(T)
+    outputs: list[Tensor] = [x.new_zeros(())] * len(sizes)
+    steps = range(len(sizes) - 1, -1, -1) if reverse else range(len(sizes))
     for t in steps:
-        n = int(batch_sizes[t]) if batch_sizes is not None else x.shape[1]
-        gates = x[t, :n] @ w_ih.t() + h[:n] @ w_hh.t()
+        n = sizes[t]
+        gates = inputs[t] @ w_ih.t() + h[:n] @ w_hh.t()
         if b_ih is not None:
             gates = gates + b_ih
         if b_hh is not None:
@@ -49,6 +55,9 @@ def lstm_layer_reference(
             h_new = h_new @ w_hr.t()
         h = torch.cat([h_new, h[n:]]) if n < h.shape[0] else h_new
         c = torch.cat([c_new, c[n:]]) if n < c.shape[0] else c_new
-        outputs[t] = torch.cat([h_new, h_new.new_zeros(h.shape[0] - n, h.shape[1])])
-    y = torch.stack(outputs) if T > 0 else x.new_zeros(0, x.shape[1], h0.shape[1])
+        outputs[t] = h_new
+    if batch_sizes is not None:
+        y = torch.cat(outputs) if outputs else x.new_zeros(0, h0.shape[1])
+    else:
+        y = torch.stack(outputs) if outputs else x.new_zeros(0, x.shape[1], h0.shape[1])
     return y, h, c

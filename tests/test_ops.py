@@ -9,13 +9,12 @@ import lstm_ext  # noqa: F401
 from lstm_ext.functional import lstm_cell, lstm_layer
 from lstm_ext.reference import lstm_layer_reference
 
-# Mixed lengths 3, 3, 2, 1 in the PackedSequence layout.
-PACKED = torch.tensor([4, 3, 2])
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 
-def make_layer(T, N, I, H, P=0, dtype=torch.float64, bias=True, seed=0, scale=1.0):
-    """Random inputs of one layer, all requiring grad; P > 0 adds a projection."""
+def make_layer(T, N, I, H, P=0, dtype=torch.float64, bias=True, seed=0, scale=1.0, batch_sizes=None):
+    """Random inputs of one layer, all requiring grad; P > 0 adds a projection. With
+    batch_sizes (T steps, N = batch_sizes[0]), x is packed data (sum(batch_sizes), I)."""
     g = torch.Generator().manual_seed(seed)
     Hout = P or H
 
@@ -23,7 +22,7 @@ def make_layer(T, N, I, H, P=0, dtype=torch.float64, bias=True, seed=0, scale=1.
         return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_()
 
     return dict(
-        x=r(T, N, I), h0=r(N, Hout), c0=r(N, H), w_ih=r(4 * H, I), w_hh=r(4 * H, Hout),
+        x=r(int(batch_sizes.sum()), I) if batch_sizes is not None else r(T, N, I), h0=r(N, Hout), c0=r(N, H), w_ih=r(4 * H, I), w_hh=r(4 * H, Hout),
         b_ih=r(4 * H) if bias else None, b_hh=r(4 * H) if bias else None,
         w_hr=r(P, H) if P else None,
     )
@@ -46,9 +45,9 @@ def differentiable(a):
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("proj", [0, 2])
 def test_gradcheck(reverse, bias, packed, proj):
-    a = make_layer(3, 4, 3, 3, P=proj, bias=bias)
-    keys = [k for k, v in a.items() if v is not None]
     bs = torch.tensor([4, 3, 1]) if packed else None
+    a = make_layer(3, 4, 3, 3, P=proj, bias=bias, batch_sizes=bs)
+    keys = [k for k, v in a.items() if v is not None]
 
     def f(*tensors):
         return run({**a, **dict(zip(keys, tensors))}, reverse, bs)
@@ -59,9 +58,9 @@ def test_gradcheck(reverse, bias, packed, proj):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
 def test_double_backward_is_exact(reverse, packed):
-    a = make_layer(3, 4, 2, 3, P=2)
-    keys = list(a)
     bs = torch.tensor([4, 3, 1]) if packed else None
+    a = make_layer(3, 4, 2, 3, P=2, batch_sizes=bs)
+    keys = list(a)
 
     def f(*tensors):
         return run(dict(zip(keys, tensors)), reverse, bs)
@@ -111,19 +110,19 @@ def test_matches_nn_lstm(dtype, T, N, I, H, P, bias):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("proj", [0, 3])
 def test_packed_matches_nn_lstm(reverse, proj):
-    """batch_sizes give exactly nn.LSTM's PackedSequence results, each direction."""
+    """PackedSequence.data with batch_sizes gives exactly nn.LSTM's packed results, each direction."""
     torch.manual_seed(0)
     ref = nn.LSTM(3, 5, bidirectional=True, proj_size=proj, dtype=torch.float64)
     lengths = torch.tensor([4, 4, 2, 1])
     x = torch.randn(4, 4, 3, dtype=torch.float64, requires_grad=True)
     packed = nn.utils.rnn.pack_padded_sequence(x, lengths)
     out_ref, (h_ref, c_ref) = ref(packed)
-    y_ref, _ = nn.utils.rnn.pad_packed_sequence(out_ref)
+    y_ref = out_ref.data
     sfx = "_reverse" if reverse else ""
     p = lambda name: getattr(ref, f"{name}_l0{sfx}")  # noqa: E731
     P = proj or 5
     y, (h, c) = lstm_layer(
-        x, (x.new_zeros(4, P), x.new_zeros(4, 5)), p("weight_ih"), p("weight_hh"),
+        packed.data, (x.new_zeros(4, P), x.new_zeros(4, 5)), p("weight_ih"), p("weight_hh"),
         p("bias_ih"), p("bias_hh"), p("weight_hr") if proj else None,
         reverse=reverse, batch_sizes=packed.batch_sizes,
     )
@@ -131,7 +130,8 @@ def test_packed_matches_nn_lstm(reverse, proj):
     torch.testing.assert_close(y, y_ref[..., d * P:(d + 1) * P], **TOL[torch.float64])
     torch.testing.assert_close(h, h_ref[d], **TOL[torch.float64])
     torch.testing.assert_close(c, c_ref[d], **TOL[torch.float64])
-    gx, = torch.autograd.grad((y ** 2).sum() + h.sum() + c.sum(), x)
+    # Both reach x through the same packing: keep its graph for the second call.
+    gx, = torch.autograd.grad((y ** 2).sum() + h.sum() + c.sum(), x, retain_graph=True)
     gx_ref, = torch.autograd.grad(
         (y_ref[..., d * P:(d + 1) * P] ** 2).sum() + h_ref[d].sum() + c_ref[d].sum(), x
     )
@@ -281,7 +281,7 @@ def test_bfloat16_close_to_float64():
 
 def test_opcheck():
     for packed, proj in [(None, 0), (torch.tensor([4, 3, 1]), 2)]:
-        a = make_layer(3, 4, 3, 3, P=proj)
+        a = make_layer(3, 4, 3, 3, P=proj, batch_sizes=packed)
         args = (*a.values(), packed, True)
         torch.library.opcheck(torch.ops.lstm_ext.lstm_forward.default, args)
         out = torch.ops.lstm_ext.lstm_forward(
@@ -309,15 +309,16 @@ def test_inference_matches_forward(device, dtype, T, N, H, reverse, packed, proj
     """lstm_inference projects blocks of steps into one reused buffer and updates the cells
     in place; it must give lstm_forward's y, h_n and c_n. functional.lstm_layer picks it
     when no gradient is needed."""
-    a = {k: v.detach().to(device) if v is not None else None
-         for k, v in make_layer(T, N, 6, H, P=proj, dtype=dtype, scale=0.3).items()}
     batch_sizes = None
     if packed:
         batch_sizes = torch.tensor([N] * (T // 3) + [N - 1] * (T // 3) + [2] * (T - 2 * (T // 3)))
-        for t, n in enumerate(batch_sizes.tolist()):  # idle rows of a packed input are zero
-            a["x"][t, n:] = 0
+    a = {k: v.detach().to(device) if v is not None else None
+         for k, v in make_layer(T, N, 6, H, P=proj, dtype=dtype, scale=0.3, batch_sizes=batch_sizes).items()}
     args = (*a.values(), batch_sizes, reverse)
-    y, h, c, *_ = torch.ops.lstm_ext.lstm_forward(*args)
+    y, h, c, gates, cells, _ = torch.ops.lstm_ext.lstm_forward(*args)
+    # What a packed forward keeps for the backward has no padding rows either.
+    rows = (int(batch_sizes.sum()),) if packed else (T, N)
+    assert gates.shape == (*rows, 4 * H) and cells.shape == (*rows, H) and y.shape == (*rows, proj or H)
     y_i, h_i, c_i = torch.ops.lstm_ext.lstm_inference(*args)
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
     for got, want in ((y_i, y), (h_i, h), (c_i, c)):
@@ -346,10 +347,11 @@ def bad(**changes):
         (dict(b_hh=torch.randn(19, dtype=torch.float64)), None, "expected b_hh of shape"),
         (dict(x=torch.randn(0, 2, 4, dtype=torch.float64)), None, "at least one step"),
         (dict(x=torch.randint(0, 3, (3, 2, 4))), None, "floating point"),
-        ({}, torch.tensor([2, 2]), "expected batch_sizes of shape"),
-        ({}, torch.tensor([2, 1, 2]), "non-increasing"),
-        ({}, torch.tensor([1, 1, 1]), r"batch_sizes\[0\] == N"),
-        ({}, torch.tensor([2.0, 1.0, 1.0]), "int64 CPU tensor"),
+        ({}, torch.tensor([2, 2, 2]), r"with batch_sizes, expected x of shape \(sum\(batch_sizes\)"),
+        (dict(x=torch.randn(5, 4, dtype=torch.float64)), torch.tensor([2, 2]), r"sum\(batch_sizes\) = 4 rows"),
+        (dict(x=torch.randn(5, 4, dtype=torch.float64)), torch.tensor([2, 1, 2]), "non-increasing"),
+        (dict(x=torch.randn(3, 4, dtype=torch.float64)), torch.tensor([1, 1, 1]), "expected h0 of shape"),
+        (dict(x=torch.randn(5, 4, dtype=torch.float64)), torch.tensor([2.0, 2.0, 1.0]), "int64 CPU tensor"),
     ],
 )
 def test_bad_input_raises(changes, bs, match):
@@ -376,9 +378,9 @@ def test_device_mismatch_is_reported():
 @pytest.mark.parametrize("reverse,packed,proj", [(False, False, 0), (True, True, 3), (False, True, 2)])
 def test_cuda_matches_cpu_float64(dtype, tol, reverse, packed, proj):
     # nn.LSTM's init scale: a stable recurrence, so differences are rounding, not chaos.
-    a64 = make_layer(9, 4, 6, 20, P=proj, scale=20 ** -0.5)
+    bs = torch.tensor([4, 4, 3, 3, 2, 2, 1, 1, 1]) if packed else None
+    a64 = make_layer(9, 4, 6, 20, P=proj, scale=20 ** -0.5, batch_sizes=bs)
     acu = {k: (v.detach().to("cuda", dtype).requires_grad_() if v is not None else None) for k, v in a64.items()}
-    bs = PACKED.new_tensor([4, 4, 3, 3, 2, 2, 1, 1, 1]) if packed else None
     out64, outcu = run(a64, reverse, bs), run(acu, reverse, bs)
     for got, want in zip(outcu, out64):
         torch.testing.assert_close(got.double().cpu(), want, rtol=tol, atol=tol)
