@@ -39,10 +39,10 @@ struct LayerDims {
 };
 
 // One time step in processing order. Its rows [0, rows) are sequence rows row0 + b;
-// rows [0, n_carry) continue from step `prev` (its row prev_row0 + b), rows
-// [n_carry, rows) start here from h0/c0.
+// rows [0, n_carry) continue from the step processed before (its row prev_row0 + b),
+// rows [n_carry, rows) start here from h0/c0.
 struct Step {
-  int64_t t, prev, rows, n_carry, row0, prev_row0;
+  int64_t rows, n_carry, row0, prev_row0;
 };
 
 struct Schedule {
@@ -197,7 +197,7 @@ inline Schedule make_schedule(const LayerDims& d, const OptTensor& batch_sizes) 
     const int64_t prev = s == 0 ? -1 : (d.reverse ? t + 1 : t - 1);
     const int64_t rows = rows_at(t);
     const int64_t n_carry = prev < 0 ? 0 : std::min(rows, rows_at(prev));
-    sc.steps.push_back({t, prev, rows, n_carry, sc.offset[t], prev < 0 ? 0 : sc.offset[prev]});
+    sc.steps.push_back({rows, n_carry, sc.offset[t], prev < 0 ? 0 : sc.offset[prev]});
   }
   return sc;
 }
@@ -268,7 +268,7 @@ void forward_time_loop(const LayerDims& d, const Schedule& sc, const scalar_t* x
       scalar_t* y_t = y + s.row0 * d.P;
       scalar_t* h_t = d.projected ? state_at(st.hidden, s.row0) : y_t;
       // In place for inference: every element reads its own previous cell before writing it.
-      const scalar_t* c_carry = s.prev < 0 ? nullptr : state_at(st.cells, s.prev_row0);
+      const scalar_t* c_carry = s.n_carry > 0 ? state_at(st.cells, s.prev_row0) : nullptr;
       ForwardStep<scalar_t> step{g, bias, c_carry, st.per_step ? c0 : st.cells, state_at(st.cells, s.row0),
                                  h_t, s.rows, s.n_carry, d.H};
       Backend::cell_forward(step);
@@ -297,7 +297,7 @@ void backward_time_loop(const LayerDims& d, const Schedule& sc, const scalar_t* 
     }
     scalar_t* dg = d_gates + s.row0 * G;
     BackwardStep<scalar_t> step{gates + s.row0 * G, cells + s.row0 * d.H,
-                                s.prev < 0 ? nullptr : cells + s.prev_row0 * d.H, c0, dh, dc, dg,
+                                s.n_carry > 0 ? cells + s.prev_row0 * d.H : nullptr, c0, dh, dc, dg,
                                 s.rows, s.n_carry, d.H};
     Backend::cell_backward(step);
     // dh of the previous step accumulates onto the output gradient already there.

@@ -22,7 +22,8 @@ def make_layer(T, N, I, H, P=0, dtype=torch.float64, bias=True, seed=0, scale=1.
         return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_()
 
     return dict(
-        x=r(int(batch_sizes.sum()), I) if batch_sizes is not None else r(T, N, I), h0=r(N, Hout), c0=r(N, H), w_ih=r(4 * H, I), w_hh=r(4 * H, Hout),
+        x=r(int(batch_sizes.sum()), I) if batch_sizes is not None else r(T, N, I),
+        h0=r(N, Hout), c0=r(N, H), w_ih=r(4 * H, I), w_hh=r(4 * H, Hout),
         b_ih=r(4 * H) if bias else None, b_hh=r(4 * H) if bias else None,
         w_hr=r(P, H) if P else None,
     )
