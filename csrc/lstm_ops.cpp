@@ -1,5 +1,7 @@
 // Operator schemas of lstm_ext, their autocast rule, and the Python module stub.
 #include <ATen/autocast_mode.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <Python.h>
 #include <torch/library.h>
 
@@ -42,6 +44,7 @@ using OptTensor = std::optional<Tensor>;
 
 constexpr char kForward[] = "lstm_ext::lstm_forward";
 constexpr char kInference[] = "lstm_ext::lstm_inference";
+constexpr char kBackward[] = "lstm_ext::lstm_backward";
 
 // Under autocast, run the layer in the autocast dtype, as nn.LSTM does: the casts are
 // ordinary ops, so autograd sees them and returns gradients in each input's dtype.
@@ -61,8 +64,60 @@ Result layer_autocast(const Tensor& x, const Tensor& h0, const Tensor& c0, const
 
 using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using InferenceResult = std::tuple<Tensor, Tensor, Tensor>;
+// The ops' C++ signatures (the schemas above).
+using ForwardSignature = ForwardResult(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                       const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool);
+using InferenceSignature = InferenceResult(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                           const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                           const OptTensor&, bool);
+using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&, std::array<bool, 3>);
+
+// Derivative guards. The ops' only derivative is lstm_forward's reverse-mode one
+// (registered from Python); anything else must fail loudly instead of returning outputs
+// with no derivative attached. lstm_ext.functional.lstm_layer routes forward-mode AD and
+// torch.func transforms to the plain-PyTorch layer, so only direct op calls get here.
+inline bool needs_derivative(const Tensor& t, bool reverse_mode) {
+  return (reverse_mode && c10::GradMode::is_enabled() && t.requires_grad()) || t._fw_grad(/*level=*/0).defined();
+}
+inline bool needs_derivative(const OptTensor& t, bool reverse_mode) {
+  return t.has_value() && needs_derivative(*t, reverse_mode);
+}
+template <class T>
+inline bool needs_derivative(const T&, bool) {
+  return false;  // bools, bool[3]
+}
+
+// Refuses inputs that need a derivative the op does not have, then runs the op below
+// autograd: `reverse_mode` also refuses inputs that require grad (used as the Autograd
+// kernel of ops without one), else only forward-mode tangents (under lstm_forward's
+// registered autograd, as its ADInplaceOrView kernel).
+template <const char* op_name, bool reverse_mode, class Signature>
+struct RefuseDerivatives;
+template <const char* op_name, bool reverse_mode, class Result, class... Args>
+struct RefuseDerivatives<op_name, reverse_mode, Result(Args...)> {
+  static Result call(Args... args) {
+    TORCH_CHECK(!(needs_derivative(args, reverse_mode) || ...), op_name, " has no ",
+                reverse_mode ? "derivative" : "forward-mode derivative",
+                ", but an input requires one; use lstm_ext.functional.lstm_layer, which picks a differentiable path");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(op_name, "").typed<Result(Args...)>();
+    return op.call(args...);
+  }
+};
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
+  m.impl("lstm_inference", &RefuseDerivatives<kInference, true, InferenceSignature>::call);
+  m.impl("lstm_backward", &RefuseDerivatives<kBackward, true, BackwardSignature>::call);
+}
+
+TORCH_LIBRARY_IMPL(lstm_ext, ADInplaceOrView, m) {
+  m.impl("lstm_forward", &RefuseDerivatives<kForward, false, ForwardSignature>::call);
+}
 
 TORCH_LIBRARY_IMPL(lstm_ext, AutocastCPU, m) {
   m.impl("lstm_forward", &layer_autocast<c10::DeviceType::CPU, kForward, ForwardResult>);

@@ -4,9 +4,29 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers fakes and autograd for torch.ops.lstm_ext)
+from .reference import lstm_layer_reference
+
+
+def _needs_reference(tensors: tuple[Optional[Tensor], ...]) -> bool:
+    """Whether this call must take the plain-PyTorch layer instead of the fused op.
+
+    The op's autograd is reverse mode only: torch.func transforms (grad, vjp, jacrev,
+    jacfwd, jvp, vmap, hessian) and forward-mode AD would otherwise get no or wrong
+    derivatives. The reference layer is made of ordinary ops, so every transform
+    composes with it exactly. Under torch.compile the op (with its fake kernel and
+    registered autograd) is what gets traced.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.maybe_current_level() is not None:
+        return True
+    return fwAD._current_level >= 0 and any(
+        t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors
+    )
 
 
 def lstm_layer(
@@ -42,6 +62,10 @@ def lstm_layer(
     """
     h0, c0 = hx
     args = (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse)
+    # hidden_size 0 (legal for nn.LSTMCell) has nothing for the kernels to compute.
+    if w_hh.shape[0] == 0 or _needs_reference(args[:8]):
+        y, h_n, c_n = lstm_layer_reference(*args[:8], reverse=reverse, batch_sizes=batch_sizes)
+        return y, (h_n, c_n)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:8]):
         y, h_n, c_n, _, _, _ = torch.ops.lstm_ext.lstm_forward(*args)
     else:  # nothing to differentiate: skip saving every step's gates and cells

@@ -18,8 +18,27 @@ from .reference import lstm_layer_reference
 _loader.load()
 
 
+def _check_devices(x: Tensor, others: dict[str, Optional[Tensor]], batch_sizes: Optional[Tensor]) -> None:
+    """The compiled kernels' device checks, for the fake kernels.
+
+    A tensor on ``meta`` among real ones sends the call to the fake kernel, which must
+    then refuse it as the real kernel would instead of returning uninitialised memory.
+    """
+    for name, t in others.items():
+        if t is not None and t.device != x.device:
+            raise RuntimeError(
+                f"lstm_ext.lstm_layer: expected {name} on {x.device} like x, but got {t.device}"
+            )
+    if batch_sizes is not None and batch_sizes.device.type != "cpu":
+        raise RuntimeError(
+            "lstm_ext.lstm_layer: expected batch_sizes as a 1-D int64 CPU tensor, "
+            f"but got a tensor on {batch_sizes.device}"
+        )
+
+
 @torch.library.register_fake("lstm_ext::lstm_forward")
 def _lstm_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    _check_devices(x, dict(h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr), batch_sizes)
     rows = x.shape[:-1]  # (T, N), or (R,) for packed data
     H, P = c0.shape[1], h0.shape[1]
     hidden = x.new_empty(*rows, H) if w_hr is not None else x.new_empty(0)
@@ -35,6 +54,7 @@ def _lstm_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, rev
 
 @torch.library.register_fake("lstm_ext::lstm_inference")
 def _lstm_inference_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
+    _check_devices(x, dict(h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr), batch_sizes)
     P = h0.shape[1]
     return x.new_empty(*x.shape[:-1], P), x.new_empty(c0.shape[0], P), x.new_empty(c0.shape)
 
@@ -44,6 +64,13 @@ def _lstm_backward_fake(
     grad_y, grad_h_n, grad_c_n, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes, reverse,
     y, gates, cells, hidden, output_mask,
 ):
+    _check_devices(
+        x,
+        dict(grad_y=grad_y, grad_h_n=grad_h_n, grad_c_n=grad_c_n, h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh,
+             w_hr=w_hr, y=y, gates=gates, cells=cells, hidden=hidden),
+        batch_sizes,
+    )
+
     def maybe(mask: bool, like: Tensor) -> Tensor:
         return torch.empty_like(like) if mask else x.new_empty(0)
 

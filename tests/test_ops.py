@@ -173,10 +173,11 @@ def test_needs_input_grad_skips_work():
         *[v.detach() if v is not None else None for v in a.values()], None, False
     )
     d = a
-    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.lstm_ext.lstm_backward(
-        torch.ones_like(y), None, None, d["x"], d["h0"], d["c0"], d["w_ih"], d["w_hh"], None, None,
-        False, y, gates, cells, hidden, [False, False, True],
-    )
+    with torch.no_grad():  # as autograd calls it: the backward op itself has no derivative
+        dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.lstm_ext.lstm_backward(
+            torch.ones_like(y), None, None, d["x"], d["h0"], d["c0"], d["w_ih"], d["w_hh"], None, None,
+            False, y, gates, cells, hidden, [False, False, True],
+        )
     assert dx.numel() == dw_ih.numel() == dw_hh.numel() == dw_hr.numel() == 0
     assert db.shape == (12,) and dh0.shape == (2, 3) and dc0.shape == (2, 3)
 
