@@ -70,11 +70,14 @@ def _swap(model: M, mapping: dict[type[nn.Module], type[nn.Module]]) -> M:
     _check_no_subclass(model, mapping)
     if type(model) in mapping:
         return replacement(model, "model")  # type: ignore[return-value]
-    # Snapshot first: the module tree is mutated while replacing.
+    # Snapshot first: the module tree is mutated while replacing. Every slot of every
+    # parent, read from _modules: named_children() would skip a module's second slot
+    # in the same parent (nn.ModuleList([lstm] * 2)).
     slots = [
         (parent, parent_path, name, child)
         for parent_path, parent in model.named_modules()
-        for name, child in parent.named_children()
+        for name, child in parent._modules.items()
+        if child is not None
     ]
     for parent, parent_path, name, child in slots:
         if type(child) in mapping:

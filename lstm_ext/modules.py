@@ -1,6 +1,7 @@
 """Drop-in replacements for ``torch.nn.LSTM`` and ``torch.nn.LSTMCell`` on the fused kernels."""
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -23,6 +24,12 @@ def _autocasting(x: Tensor) -> bool:
 def _check_type(name: str, value: object, kind: type) -> None:
     if not isinstance(value, kind):
         raise TypeError(f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
+
+
+def _check_two_states(hx: _HiddenState, op: str) -> None:
+    # ATen's check in lstm/lstm_cell, with its words.
+    if len(hx) != 2:
+        raise RuntimeError(f"{op} expects two hidden states")
 
 
 class LSTM(nn.Module):
@@ -183,6 +190,12 @@ class LSTM(nn.Module):
         return s
 
     def _check_input(self, x: Tensor, dtype_error: type[Exception]) -> None:
+        for param in self.parameters():
+            if param.device != x.device:
+                raise RuntimeError(
+                    "Input and parameter tensors are not at the same device, found input "
+                    f"tensor at {x.device} and parameter tensor at {param.device}"
+                )
         weight_dtype = self.weight_ih_l0.dtype
         if x.dtype != weight_dtype and not _autocasting(x):
             raise dtype_error(
@@ -272,6 +285,7 @@ class LSTM(nn.Module):
                     f"For {kind} input, hx and cx should also be {want}-D but got "
                     f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
                 )
+            _check_two_states(hx, "lstm")
         self._check_input(input, ValueError)
         # The kernels are time-first; batch_first and unbatched are views of that.
         if not batched:
@@ -305,12 +319,17 @@ class LSTM(nn.Module):
         if hx is None:
             hx = self._zero_state(data, batch)
         else:
+            _check_two_states(hx, "lstm")
             self._check_hidden(hx, data, batch)
             if sorted_indices is not None:
                 hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
 
         # The kernels take PackedSequence.data as it is: no padding to (T, N, I) and back.
-        y, (h_n, c_n) = self._run_layers(data, hx, batch_sizes)
+        # CPU autocast has no rule for nn.LSTM's packed form (aten::lstm.data), which
+        # therefore runs in the parameters' dtype; so does this.
+        cpu_autocast = data.device.type == "cpu" and _autocasting(data)
+        with torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext():
+            y, (h_n, c_n) = self._run_layers(data, hx, batch_sizes)
         out = PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices)
         if unsorted_indices is not None:
             h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
@@ -374,13 +393,22 @@ class LSTMCell(nn.Module):
                     raise ValueError(
                         f"LSTMCell: Expected hx[{i}] to be 1D or 2D, got {state.dim()}D instead"
                     )
+        batched = input.dim() == 2
+        if hx is not None:
+            if batched:
+                # nn.LSTMCell hands a batched hx to ATen's lstm_cell as it is, which checks this.
+                if not isinstance(hx, (tuple, list)):
+                    raise TypeError(
+                        "lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, "
+                        f"not {type(hx).__name__}"
+                    )
+                _check_two_states(hx, "lstm_cell")
             if hx[0].dim() != input.dim() or hx[1].dim() != input.dim():
-                kind = "batched 2-D" if input.dim() == 2 else "unbatched 1-D"
+                kind = "batched 2-D" if batched else "unbatched 1-D"
                 raise RuntimeError(
                     f"For {kind} input, hx and cx should also be {input.dim()}-D but got "
                     f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
                 )
-        batched = input.dim() == 2
         x = input if batched else input.unsqueeze(0)
         if hx is None:
             zeros = x.new_zeros(x.size(0), self.hidden_size)
