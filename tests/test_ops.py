@@ -202,8 +202,13 @@ def test_extreme_inputs_stay_finite():
     grads = torch.autograd.grad(y.sum() + c.sum(), differentiable(a))
     assert all(torch.isfinite(g).all() for g in grads)
     # Saturated gates: sigmoid is exactly 0 or 1, tanh exactly +-1, as in nn.LSTM.
-    y_ref, _, c_ref = lstm_layer_reference(*a.values())
-    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    y_ref, h_ref, c_ref = lstm_layer_reference(*a.values())
+    for got, want in ((y, y_ref), (h, h_ref), (c, c_ref)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # Most gradients vanish under saturation; dc0 does not (f = 1 passes it through).
+    grads_ref = torch.autograd.grad(y_ref.sum() + c_ref.sum(), differentiable(a))
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def activation_through_cell(values, gate, dtype=torch.float32):
