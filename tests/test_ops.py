@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lstm_ext  # noqa: F401
 from lstm_ext.functional import lstm_cell, lstm_layer
@@ -340,10 +341,25 @@ def test_inference_matches_forward(device, dtype, T, N, H, reverse, packed, proj
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
     for got, want in ((y_i, y), (h_i, h), (c_i, c)):
         torch.testing.assert_close(got, want, **tol)
-    with torch.no_grad():
+    # The two ops give bitwise equal results on CPU, so equal outputs cannot tell which one
+    # lstm_layer ran: record the ops it dispatches.
+    with torch.no_grad(), _OpsCalled() as called:
         y_f, (h_f, c_f) = lstm_layer(a["x"], (a["h0"], a["c0"]), *list(a.values())[3:], reverse=reverse,
                                      batch_sizes=batch_sizes)
+    assert called.names == ["lstm_ext::lstm_inference"]
     assert torch.equal(y_f, y_i) and torch.equal(h_f, h_i) and torch.equal(c_f, c_i)
+
+
+class _OpsCalled(TorchDispatchMode):
+    """Records the name of every op dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
 
 
 def bad(**changes):
