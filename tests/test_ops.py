@@ -426,12 +426,20 @@ def test_cuda_matches_cpu_float64(dtype, tol, reverse, packed, proj):
 
 @pytest.mark.cuda
 def test_cuda_runs_on_current_stream():
+    """On a side stream the op must queue behind the work already queued there: its input
+    x is written on that stream after a long spin, so kernels launched on any other stream
+    (the default one, say) would read x before it is written and give other results.
+    (Running on a side stream with ready inputs, as before, passes whatever stream is used.)"""
     a = {k: (v.detach().cuda() if v is not None else None) for k, v in make_layer(50, 8, 16, 64).items()}
     want = run(a)[0]
+    x = torch.zeros_like(a["x"])
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())  # a and x are ready before the spin starts
     with torch.cuda.stream(s):
-        got = run(a)[0]
-    s.synchronize()
+        torch.cuda._sleep(100_000_000)  # some 50 ms on the GPU
+        x.copy_(a["x"])
+        got = run({**a, "x": x})[0]
+    torch.cuda.current_stream().wait_stream(s)
     torch.testing.assert_close(got, want)
 
 
