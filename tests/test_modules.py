@@ -35,13 +35,14 @@ def run(module: nn.Module, leaves: list[Tensor], build: Callable) -> dict[str, T
     leaves = [t.detach().clone().requires_grad_() for t in leaves]
     module.zero_grad(set_to_none=True)
     out = module(*build(*leaves))
-    if isinstance(module, (nn.LSTM, LSTM)):
+    if isinstance(getattr(module, "module", module), (nn.LSTM, LSTM)):  # also in DataParallel
         y, (h, c) = out
         results = {"y": y.data if isinstance(y, PackedSequence) else y, "h": h, "c": c}
     else:
         results = {"h": out[0], "c": out[1]}
     gen = torch.Generator().manual_seed(1)
-    loss = sum((v * torch.randn(v.shape, generator=gen, dtype=v.dtype)).sum() for v in results.values())
+    loss = sum((v * torch.randn(v.shape, generator=gen, dtype=v.dtype).to(v.device)).sum()
+               for v in results.values())
     loss.backward()
     results.update({f"grad_leaf{i}": t.grad for i, t in enumerate(leaves)})
     results.update({f"grad_{n}": p.grad for n, p in module.named_parameters()})
@@ -422,16 +423,20 @@ def test_lstm_to_double():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_lstm_cuda(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_lstm_cuda():
+    """On CUDA: nn.LSTM's outputs and gradients, as computed on the CPU (float64)."""
     ref, ext = make_pair(input_size=I, hidden_size=H, num_layers=2, bidirectional=True, proj_size=P)
-    ref.cuda(), ext.cuda()
+    ext.cuda()
     assert all(p.is_cuda for p in ext.parameters())
-    x = rand(T, N, I).cuda()
-    for a, b in zip(ref(x)[1], ext(x)[1]):
-        close(b, a, torch.float64)
+    leaves = [rand(T, N, I), rand(4, N, P), rand(4, N, H)]
+
+    def build(x, h, c):
+        return x, (h, c)
+
+    expected = run(ref, leaves, build)
+    got = run(ext, [t.cuda() for t in leaves], build)
+    assert all(v.is_cuda for v in got.values())
+    assert_same(expected, {k: v.cpu() for k, v in got.items()}, torch.float64)
 
 
 def test_lstm_autocast_cpu():
