@@ -487,9 +487,36 @@ def test_lstm_functional_call_with_swapped_weights():
     assert not torch.allclose(ext(x)[0], got[0])  # the swapped weights were used
 
 
-def test_lstm_data_parallel():
-    ext = LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True, dtype=torch.float64)
-    _outputs_equal(nn.DataParallel(ext, dim=0), ext)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="DataParallel then needs the module on a GPU")
+def test_lstm_data_parallel_without_gpus():
+    """Without GPUs DataParallel just calls the module: nn.LSTM's results, also wrapped."""
+    ref, ext = make_pair(input_size=I, hidden_size=H, num_layers=2, bidirectional=True, batch_first=True)
+    check_parity(nn.DataParallel(ref, dim=0), nn.DataParallel(ext, dim=0), [rand(N, T, I)],
+                 lambda x: (x,))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or more CUDA devices")
+def test_lstm_data_parallel_multi_gpu():
+    """DataParallel scatters the batch (dim 0, batch_first) over the GPUs and runs a replica
+    on each: outputs, and the gradients reduced onto the module's parameters, are nn.LSTM's
+    on the whole batch (float64 on the CPU)."""
+    k = torch.cuda.device_count()
+    ref, ext = make_pair(input_size=I, hidden_size=H, num_layers=2, bidirectional=True, batch_first=True)
+    ext.cuda()
+    x = rand(2 * k, T, I)
+    expected = ref(x)
+    y, (h, c) = nn.DataParallel(ext, dim=0)(x.cuda())
+    assert y.device == torch.device("cuda", 0)
+    # The replicas' (h, c), batch in dim 1, come back stacked along dim 0: regroup them.
+    got = (y.cpu(), tuple(torch.cat(t.cpu().chunk(k), dim=1) for t in (h, c)))
+    close(got, expected, torch.float64, "outputs")
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in (expected[0], *expected[1])]
+    sum((t * w).sum() for t, w in zip((expected[0], *expected[1]), weights)).backward()
+    sum((t * w).sum() for t, w in zip((got[0], *got[1]), weights)).backward()
+    for (name, p), q in zip(ext.named_parameters(), ref.parameters()):
+        close(p.grad.cpu(), q.grad, torch.float64, name)
 
 
 def test_lstm_is_not_an_nn_lstm():
