@@ -452,13 +452,15 @@ def test_lstm_autocast_cpu():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected, got = ref(x), ext(x)
     assert got[0].dtype == expected[0].dtype == torch.bfloat16
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
-    # Gradients come back to the float32 weights through the casts.
+    # bfloat16 keeps 8 bits: |y| < 0.3 here and is off by about 1e-3.
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=5e-3)
+    # Gradients come back to the float32 weights through the casts. Some are as small as
+    # 0.15 (weight_hh_l0) and off by at most 3e-3; atol=0.1 let weight_hh grads 10% off pass.
     got[0].float().sum().backward()
     expected[0].float().sum().backward()
     for p_ext, p_ref in zip(ext.parameters(), ref.parameters()):
         assert p_ext.grad.dtype == torch.float32
-        torch.testing.assert_close(p_ext.grad, p_ref.grad, rtol=0.1, atol=0.1)
+        torch.testing.assert_close(p_ext.grad, p_ref.grad, rtol=2e-2, atol=1e-2)
 
 
 def _outputs_equal(a: nn.Module, b: nn.Module) -> None:
