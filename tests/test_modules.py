@@ -604,6 +604,13 @@ def test_lstm_gradgradcheck():
     f, params = _functional(ext)
     inputs = tuple(t.requires_grad_() for t in (rand(3, 2, 2), rand(1, 2, 2), rand(1, 2, 3)))
     assert torch.autograd.gradgradcheck(f, inputs + params)
+    # gradgradcheck differentiates the create_graph backward against itself; its first
+    # derivative must also be the fused backward's (which gradcheck checks).
+    outputs = f(*inputs, *params)
+    grad_outputs = [torch.randn_like(o) for o in outputs]
+    fused = torch.autograd.grad(outputs, inputs + params, grad_outputs, retain_graph=True)
+    recorded = torch.autograd.grad(outputs, inputs + params, grad_outputs, create_graph=True)
+    close(recorded, fused, torch.float64, "create_graph gradients")
 
 
 # --------------------------------------------------------------------------- LSTMCell
