@@ -425,8 +425,11 @@ def test_cuda_matches_cpu_float64(dtype, tol, reverse, packed, proj):
     weights = [torch.linspace(-1, 1, t.numel(), dtype=torch.float64).view_as(t) for t in out64]
     loss64 = sum((o * w).sum() for o, w in zip(out64, weights))
     losscu = sum((o.double() * w.cuda()).sum() for o, w in zip(outcu, weights))
+    # Each gradient's largest entry is 0.3 to 4.4 here: 10 * tol (0.5 for bfloat16) let a zero
+    # dh0 pass. The CPU kernels in these dtypes are off by 1e-6 (float32), 4e-3 (float16) and
+    # 3e-2 (bfloat16).
     for got, want in zip(torch.autograd.grad(losscu, differentiable(acu)), torch.autograd.grad(loss64, differentiable(a64))):
-        torch.testing.assert_close(got.double().cpu(), want, rtol=tol * 10, atol=tol * 10)
+        torch.testing.assert_close(got.double().cpu(), want, rtol=tol * 2, atol=tol * 2)
 
 
 @pytest.mark.cuda
