@@ -159,10 +159,13 @@ def test_convert_does_not_touch_the_rng():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_convert_keeps_device():
-    model = nn.Sequential(nn.LSTM(3, 3)).cuda()
-    x = torch.randn(4, 2, 3, device="cuda")
+    model = nn.Sequential(nn.LSTM(3, 3)).double().cuda()
+    x = torch.randn(4, 2, 3, device="cuda", dtype=torch.float64)
+    y, (h, c) = model(x)
     convert(model)
-    assert all(p.is_cuda for p in model.parameters())
-    assert model(x)[0].is_cuda
+    assert type(model[0]) is LSTM and all(p.is_cuda for p in model.parameters())
+    y_ext, (h_ext, c_ext) = model(x)
+    assert y_ext.is_cuda
+    for got, want in ((y_ext, y), (h_ext, h), (c_ext, c)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lstm_ext  # noqa: F401
 from lstm_ext.functional import lstm_cell, lstm_layer
@@ -67,6 +68,17 @@ def test_double_backward_is_exact(reverse, packed):
         return run(dict(zip(keys, tensors)), reverse, bs)
 
     assert torch.autograd.gradgradcheck(f, list(a.values()))
+    # gradgradcheck differentiates the create_graph backward (the reference layer) against
+    # itself, so it cannot see a wrong first derivative there: pin that to the fused backward,
+    # which test_gradcheck checks against finite differences.
+    outputs = f(*a.values())
+    g = torch.Generator().manual_seed(1)
+    grad_outputs = [torch.randn(o.shape, dtype=o.dtype, generator=g) for o in outputs]
+    fused = torch.autograd.grad(outputs, list(a.values()), grad_outputs, retain_graph=True)
+    recorded = torch.autograd.grad(outputs, list(a.values()), grad_outputs, create_graph=True)
+    assert all(r.requires_grad for r in recorded)  # it took the differentiable path
+    for got, want in zip(recorded, fused):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
 
 
 def nn_lstm_pair(I, H, P, dtype, bias):
@@ -179,7 +191,12 @@ def test_needs_input_grad_skips_work():
             False, y, gates, cells, hidden, [False, False, True],
         )
     assert dx.numel() == dw_ih.numel() == dw_hh.numel() == dw_hr.numel() == 0
-    assert db.shape == (12,) and dh0.shape == (2, 3) and dc0.shape == (2, 3)
+    # What it does compute must still be right with the weight gradients switched off.
+    want = torch.autograd.grad(
+        lstm_layer_reference(*a.values())[0].sum(), [a["h0"], a["c0"], a["b_ih"]]
+    )
+    for got, w in zip((dh0, dc0, db), want):
+        torch.testing.assert_close(got, w, **TOL[torch.float64])
 
 
 def test_extreme_inputs_stay_finite():
@@ -192,8 +209,13 @@ def test_extreme_inputs_stay_finite():
     grads = torch.autograd.grad(y.sum() + c.sum(), differentiable(a))
     assert all(torch.isfinite(g).all() for g in grads)
     # Saturated gates: sigmoid is exactly 0 or 1, tanh exactly +-1, as in nn.LSTM.
-    y_ref, _, c_ref = lstm_layer_reference(*a.values())
-    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    y_ref, h_ref, c_ref = lstm_layer_reference(*a.values())
+    for got, want in ((y, y_ref), (h, h_ref), (c, c_ref)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # Most gradients vanish under saturation; dc0 does not (f = 1 passes it through).
+    grads_ref = torch.autograd.grad(y_ref.sum() + c_ref.sum(), differentiable(a))
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def activation_through_cell(values, gate, dtype=torch.float32):
@@ -325,10 +347,25 @@ def test_inference_matches_forward(device, dtype, T, N, H, reverse, packed, proj
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-13)
     for got, want in ((y_i, y), (h_i, h), (c_i, c)):
         torch.testing.assert_close(got, want, **tol)
-    with torch.no_grad():
+    # The two ops give bitwise equal results on CPU, so equal outputs cannot tell which one
+    # lstm_layer ran: record the ops it dispatches.
+    with torch.no_grad(), _OpsCalled() as called:
         y_f, (h_f, c_f) = lstm_layer(a["x"], (a["h0"], a["c0"]), *list(a.values())[3:], reverse=reverse,
                                      batch_sizes=batch_sizes)
+    assert called.names == ["lstm_ext::lstm_inference"]
     assert torch.equal(y_f, y_i) and torch.equal(h_f, h_i) and torch.equal(c_f, c_i)
+
+
+class _OpsCalled(TorchDispatchMode):
+    """Records the name of every op dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
 
 
 def bad(**changes):
@@ -389,18 +426,29 @@ def test_cuda_matches_cpu_float64(dtype, tol, reverse, packed, proj):
     weights = [torch.linspace(-1, 1, t.numel(), dtype=torch.float64).view_as(t) for t in out64]
     loss64 = sum((o * w).sum() for o, w in zip(out64, weights))
     losscu = sum((o.double() * w.cuda()).sum() for o, w in zip(outcu, weights))
+    # Each gradient's largest entry is 0.3 to 4.4 here: 10 * tol (0.5 for bfloat16) let a zero
+    # dh0 pass. The CPU kernels in these dtypes are off by 1e-6 (float32), 4e-3 (float16) and
+    # 3e-2 (bfloat16).
     for got, want in zip(torch.autograd.grad(losscu, differentiable(acu)), torch.autograd.grad(loss64, differentiable(a64))):
-        torch.testing.assert_close(got.double().cpu(), want, rtol=tol * 10, atol=tol * 10)
+        torch.testing.assert_close(got.double().cpu(), want, rtol=tol * 2, atol=tol * 2)
 
 
 @pytest.mark.cuda
 def test_cuda_runs_on_current_stream():
+    """On a side stream the op must queue behind the work already queued there: its input
+    x is written on that stream after a long spin, so kernels launched on any other stream
+    (the default one, say) would read x before it is written and give other results.
+    (Running on a side stream with ready inputs, as before, passes whatever stream is used.)"""
     a = {k: (v.detach().cuda() if v is not None else None) for k, v in make_layer(50, 8, 16, 64).items()}
     want = run(a)[0]
+    x = torch.zeros_like(a["x"])
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())  # a and x are ready before the spin starts
     with torch.cuda.stream(s):
-        got = run(a)[0]
-    s.synchronize()
+        torch.cuda._sleep(100_000_000)  # some 50 ms on the GPU
+        x.copy_(a["x"])
+        got = run({**a, "x": x})[0]
+    torch.cuda.current_stream().wait_stream(s)
     torch.testing.assert_close(got, want)
 
 
