@@ -1,4 +1,4 @@
-"""benchmarks/bench.py: runs end to end, writes its reports, and both models learn alike."""
+"""benchmarks/bench.py: runs end to end, writes its reports naming the machine, and both models learn alike."""
 from __future__ import annotations
 
 import json
@@ -9,18 +9,20 @@ import pytest
 import torch
 from torch import nn
 
-from lstm_ext.shakespeare.bench import (
-    BASE, CAND, CELLS, QUICK, BenchConfig, LSTMCellStack, Shape, compare, lstm_forward_flops, parse_sweep, run_bench,
-)
+from bench import main
+from config import QUICK, BenchConfig, Shape, parse_sweep
+from protocol import BASE, CAND, CELLS, LSTMCellStack, compare, lstm_forward_flops, run_bench
+from timing import cpu_model
 
-REPORTS = ("results.json", "results.md", "results.png")
+PHASES = ("train_tokens_per_s", "forward_tokens_per_s", "lstm_fwd_bwd_tokens_per_s", "generate_chars_per_s")
 
 
 def check_reports(out: Path, steps: int, tolerance: float) -> dict[str, Any]:
-    """The three files exist and agree; the loss curves match within ``tolerance``."""
+    """The three files exist and agree, name the CPU; the loss curves match within ``tolerance``."""
     res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text(encoding="utf-8")
+    assert res["environment"]["cpu"] == cpu_model() and f"CPU {cpu_model()}" in md
     main = res["main"]
     losses = main["losses"]
     assert len(losses[BASE]) == len(losses[CAND]) == steps
@@ -28,7 +30,7 @@ def check_reports(out: Path, steps: int, tolerance: float) -> dict[str, Any]:
     assert diff == main["max_abs_loss_diff"] <= tolerance
     assert abs(main["val_loss"][BASE] - main["val_loss"][CAND]) <= tolerance
     assert abs(main["tail_mean_loss"][BASE] - main["tail_mean_loss"][CAND]) <= tolerance
-    for phase in ("train_tokens_per_s", "forward_tokens_per_s", "lstm_fwd_bwd_tokens_per_s", "generate_chars_per_s"):
+    for phase in PHASES:
         figures = main[phase]
         assert figures[BASE] > 0 and figures[CAND] > 0 and figures["speedup"] > 0
         assert f"{figures['speedup']:.2f}x" in md
@@ -37,27 +39,34 @@ def check_reports(out: Path, steps: int, tolerance: float) -> dict[str, Any]:
     return res
 
 
-def test_bench_quick_end_to_end(tmp_path: Path, run_python: Callable, lstm_ext_impl: str) -> None:
-    proc = run_python("benchmarks/bench.py", "--quick", "--out", str(tmp_path))
+def test_bench_script_quick_end_to_end(tmp_path: Path, run_bench_script: Callable) -> None:
+    proc = run_bench_script("--quick", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = check_reports(tmp_path, QUICK["steps"], tolerance=1e-3)
     assert res["labels"][CAND] == "lstm_ext.LSTM" and CELLS in res["main"]["generate_chars_per_s"]
-    assert "| training, tokens/s |" in proc.stdout
+    assert "| training, tokens/s |" in proc.stdout and f"CPU {cpu_model()}" in proc.stdout
+    assert res["environment"]["gpu"] is None
 
 
-def test_bench_extras_packed_projection_float64_sweep(tmp_path: Path, run_python: Callable, lstm_ext_impl: str) -> None:
-    proc = run_python(
-        "-m", "lstm_ext.shakespeare", "bench", "--quick", "--impl", lstm_ext_impl, "--packed", "--proj-size", "8",
-        "--dtype", "float64", "--sweep", "4x8x16x1,8x4x12x2", "--out", str(tmp_path),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_bench_extras_packed_projection_float64_sweep(tmp_path: Path, text_file: Path) -> None:
+    argv = ["--quick", "--data", str(text_file), "--packed", "--proj-size", "8", "--dtype", "float64",
+            "--sweep", "4x8x16x1,8x4x12x2", "--out", str(tmp_path)]
+    assert main(argv) == 0
     res = check_reports(tmp_path, QUICK["steps"], tolerance=1e-9)
     assert [s["shape"] for s in res["sweep"]] == [{"batch": 4, "seq": 8, "hidden": 16, "layers": 1}, {"batch": 8, "seq": 4, "hidden": 12, "layers": 2}]
     assert CELLS not in res["main"]["generate_chars_per_s"]  # nn.LSTMCell has no projection
 
 
-def test_nn_lstm_against_itself_learns_identically(tmp_path: Path) -> None:
-    res = run_bench(BenchConfig(impl="torch", out=str(tmp_path), **QUICK, quick=True))
+def test_bad_options_are_usage_errors(capsys: pytest.CaptureFixture) -> None:
+    for argv in (["--dtype", "int8"], ["--sweep", "2x3"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_nn_lstm_against_itself_learns_identically(tmp_path: Path, text_file: Path) -> None:
+    res = run_bench(BenchConfig(impl="torch", data=str(text_file), out=str(tmp_path), **QUICK, quick=True))
     assert res["main"]["max_abs_loss_diff"] == 0.0 and res["labels"][CAND] == "nn.LSTM (again)"
 
 
