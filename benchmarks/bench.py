@@ -4,7 +4,7 @@
     python benchmarks/bench.py                 # default run, a few minutes on 2 CPU cores
     python benchmarks/bench.py --quick         # seconds, tiny model
     python benchmarks/bench.py --sweep all     # and 13 more shapes (CPU)
-    python benchmarks/bench.py --device cuda --sweep
+    python benchmarks/bench.py --device cuda --sweep gpu --dtypes float32,bfloat16,float16
     python benchmarks/bench.py --help
 
 lstm_ext must be importable: installed (pip install --no-build-isolation .), or, in a
@@ -20,6 +20,8 @@ import sys
 from dataclasses import replace
 from typing import Callable, Optional
 
+import torch
+
 try:
     import lstm_ext.shakespeare  # noqa: F401  (the application the benchmark runs)
 except ModuleNotFoundError as err:
@@ -28,7 +30,7 @@ except ModuleNotFoundError as err:
     sys.exit("error: lstm_ext is not importable: install it (pip install --no-build-isolation .) "
              "or run from the checkout as PYTHONPATH=. python benchmarks/bench.py")
 
-from config import DTYPES, QUICK, SWEEPS, BenchConfig, parse_sweep
+from config import DTYPES, QUICK, SWEEPS, BenchConfig, parse_dtypes, parse_sweep
 from lstm_ext.shakespeare.data import DataError
 from lstm_ext.shakespeare.model import ImplUnavailableError
 from lstm_ext.shakespeare.options import add_common, given, positive_int, set_threads
@@ -54,7 +56,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     add_common(p, "implementation compared with nn.LSTM (default lstm_ext; 'torch' pits nn.LSTM against itself to show the noise)")
     S = argparse.SUPPRESS
-    p.add_argument("--dtype", choices=DTYPES, default=S, help=f"parameter dtype (default {d.dtype})")
+    dtype = p.add_mutually_exclusive_group()
+    dtype.add_argument("--dtype", choices=DTYPES, default=S, help=f"parameter dtype (default {d.dtype})")
+    dtype.add_argument(
+        "--dtypes", type=_checked(parse_dtypes), default=S,
+        help="comma-separated dtypes, e.g. float32,bfloat16,float16: every sweep shape (the main shape if no --sweep) "
+        "runs in each; the main measurement uses the first",
+    )
     p.add_argument("--batch", type=positive_int, default=S, help=f"streams per batch (default {d.batch})")
     p.add_argument("--seq", type=positive_int, default=S, help=f"BPTT length (default {d.seq})")
     p.add_argument("--hidden", type=positive_int, default=S, help=f"LSTM hidden size = embedding size (default {d.hidden})")
@@ -75,12 +83,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", default=S, help="tiny model and few steps (seconds; for tests)")
 
 
+def device_problem(name: str) -> Optional[str]:
+    """Why the benchmark cannot run on the torch device ``name``; None if it can."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        return f"--device {name}: {err}"
+    if device.type == "cpu":
+        return None
+    if device.type != "cuda":
+        return f"--device {name}: the benchmark runs on cpu or cuda"
+    if not torch.cuda.is_available():
+        return f"--device {name}: torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False)"
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        return f"--device {name}: there are {torch.cuda.device_count()} CUDA devices"
+    return None
+
+
 def config_problem(cfg: BenchConfig) -> Optional[str]:
     """Why ``cfg`` cannot run, found before any work; None if it can."""
     shapes = [cfg.main_shape(), *cfg.sweep_shapes()]
     if cfg.proj_size and any(s.hidden <= cfg.proj_size for s in shapes):
         return f"--proj-size {cfg.proj_size} must be smaller than every hidden size"
-    return None
+    return device_problem(cfg.device)
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -88,6 +113,8 @@ def run_cli(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     opts = given(BenchConfig, args)
     cfg = replace(BenchConfig(**QUICK) if opts.get("quick") else BenchConfig(), **opts)
+    if cfg.dtypes:
+        cfg = replace(cfg, dtype=cfg.sweep_dtypes()[0])
     problem = config_problem(cfg)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,10 @@ SWEEPS: dict[str, list[Shape]] = {
     "charrnn": [Shape(50, 50, h, n) for n in (1, 2, 3) for h in (128, 256, 512)],
     # The shapes issue 5 asks ratios for.
     "issue5": [Shape(32, 100, 512, 2), Shape(64, 100, 256, 2), Shape(32, 100, 128, 1), Shape(8, 50, 64, 2)],
+    # Against cuDNN (issue 12): batch 1 (latency) to 256 (throughput), small to large hidden sizes.
+    "gpu": [Shape(b, 100, h, 2) for h in (128, 256, 512, 1024) for b in (1, 8, 64, 256)],
 }
-SWEEPS["all"] = SWEEPS["charrnn"] + SWEEPS["issue5"]
+SWEEPS["all"] = SWEEPS["charrnn"] + SWEEPS["issue5"]  # the CPU sweep; "gpu" is too big for a CPU run
 
 
 def parse_sweep(spec: str) -> list[Shape]:
@@ -46,6 +48,17 @@ def parse_sweep(spec: str) -> list[Shape]:
     if not shapes:
         raise ValueError("empty --sweep")
     return shapes
+
+
+def parse_dtypes(spec: str) -> list[str]:
+    """A comma-separated list of distinct ``DTYPES`` names, in the given order."""
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in DTYPES]
+    if unknown or not names:
+        raise ValueError(f"bad dtype list {spec!r}: use comma-separated names from {', '.join(DTYPES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"dtype list {spec!r} names a dtype twice")
+    return names
 
 
 @dataclass
@@ -67,6 +80,7 @@ class BenchConfig:
     impl: str = "lstm_ext"
     device: str = "cpu"
     dtype: str = "float32"
+    dtypes: Optional[str] = None  # the sweep's dtypes, comma-separated; None: just ``dtype``
     batch: int = 50
     seq: int = 50
     hidden: int = 256
@@ -87,14 +101,21 @@ class BenchConfig:
         """The shape of the main measurement (loss curves, sample)."""
         return Shape(self.batch, self.seq, self.hidden, self.layers)
 
+    def sweep_dtypes(self) -> list[str]:
+        """The dtypes every sweep shape runs in."""
+        return parse_dtypes(self.dtypes) if self.dtypes else [self.dtype]
+
     def sweep_shapes(self) -> list[Shape]:
-        """--sweep's shapes, if any."""
-        return parse_sweep(self.sweep) if self.sweep else []
+        """--sweep's shapes; without --sweep, the main shape when several dtypes are asked for, else none."""
+        if self.sweep:
+            return parse_sweep(self.sweep)
+        return [self.main_shape()] if len(self.sweep_dtypes()) > 1 else []
 
     def main_plan(self) -> Plan:
         return self._quick_plan(self.steps) if self.quick else Plan(self.steps, 3, 10, 6, 200, 20)
 
     def sweep_plan(self) -> Plan:
+        """Few rounds per shape: the gpu sweep runs 48 shape-dtype pairs within minutes."""
         return self._quick_plan(self.sweep_steps) if self.quick else Plan(self.sweep_steps, 2, 5, 3, 50, 2)
 
     @staticmethod

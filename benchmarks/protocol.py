@@ -30,7 +30,7 @@ from lstm_ext.shakespeare.data import CharStreams, Vocab, load_text, split
 from lstm_ext.shakespeare.model import CharLSTM, State, detach_state
 from lstm_ext.shakespeare.sample import generate
 from lstm_ext.shakespeare.train import evaluate, lm_loss
-from timing import describe_machine, interleaved, matmul_gflops, median_rate, median_ratio, sync
+from timing import describe_machine, interleaved, matmul_gflops, median_rate, median_ratio, sync, tf32_disabled
 
 BASE, CAND, CELLS = "baseline", "candidate", "cells"
 
@@ -67,7 +67,10 @@ class Contender:
 
     def __init__(self, model: CharLSTM, lr: float) -> None:
         self.model = model
-        self.opt = torch.optim.Adam(model.parameters(), lr=lr)
+        # Adam's usual eps of 1e-8 is 0 in float16, and a parameter with no gradient yet
+        # would step by 0/0; the dtype's smallest normal number keeps it finite.
+        eps = max(1e-8, torch.finfo(next(model.parameters()).dtype).tiny)
+        self.opt = torch.optim.Adam(model.parameters(), lr=lr, eps=eps)
         self.state: Optional[State] = None
         self.losses: list[float] = []
 
@@ -164,10 +167,10 @@ class Corpus:
 
 
 def bench_shape(
-    shape: Shape, cfg: BenchConfig, plan: Plan, corpus: Corpus, device: torch.device
+    shape: Shape, dtype_name: str, cfg: BenchConfig, plan: Plan, corpus: Corpus, device: torch.device
 ) -> tuple[dict[str, Any], dict[str, CharLSTM]]:
-    """All measurements for one shape; returns the result record and the trained models."""
-    dtype = DTYPES[cfg.dtype]
+    """All measurements for one shape in one dtype; returns the result record and the trained models."""
+    dtype = DTYPES[dtype_name]
     torch.manual_seed(cfg.seed)
     base_model = CharLSTM(len(corpus.vocab), shape.hidden, shape.layers, 0.0, "torch", cfg.proj_size)
     cand_model = CharLSTM(len(corpus.vocab), shape.hidden, shape.layers, 0.0, cfg.impl, cfg.proj_size)
@@ -176,7 +179,7 @@ def bench_shape(
     contenders = {name: Contender(m, cfg.lr) for name, m in models.items()}
     batches = Batches(CharStreams(corpus.train, shape.batch, shape.seq), cfg.packed, device, cfg.seed)
     carry = not cfg.packed  # packed batches hold sequences of mixed lengths: nothing to carry over
-    label = str(shape)
+    label = f"{shape} {dtype_name}"
     # Fetched before timing, once, so that both contenders see the very same batches.
     steps = [batches.get(i) for i in range(plan.steps)]
 
@@ -238,6 +241,7 @@ def bench_shape(
     losses = {n: c.losses for n, c in contenders.items()}
     record = {
         "shape": asdict(shape),
+        "dtype": dtype_name,
         "train_tokens_per_s": train,
         "forward_tokens_per_s": forward,
         "lstm_fwd_bwd_tokens_per_s": lstm,
@@ -269,19 +273,29 @@ def _lstm_input(x: Union[Tensor, PackedSequence], width: int, dtype: torch.dtype
 
 
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
-    """Run the benchmark described by ``cfg`` and return its results (see ``report.write_reports``)."""
+    """Run the benchmark described by ``cfg`` and return its results (see ``report.write_reports``).
+
+    The main shape is measured in ``cfg.dtype`` (loss curves, sample); every sweep shape
+    in every one of ``cfg.sweep_dtypes()``. TF32 is off throughout, so float32 is float32.
+    """
     device = torch.device(cfg.device)
     text = load_text(cfg.data)
     vocab = Vocab.from_text(text)
     corpus = Corpus(vocab, *split(vocab.encode(text), 0.1))
     started = time.perf_counter()
-    main, models = bench_shape(cfg.main_shape(), cfg, cfg.main_plan(), corpus, device)
-    sample = generate(models[CAND], vocab, length=cfg.sample_chars, temperature=0.8, seed=cfg.seed)
-    sweep = [bench_shape(shape, cfg, cfg.sweep_plan(), corpus, device)[0] for shape in cfg.sweep_shapes()]
+    with tf32_disabled():
+        main, models = bench_shape(cfg.main_shape(), cfg.dtype, cfg, cfg.main_plan(), corpus, device)
+        sample = generate(models[CAND], vocab, length=cfg.sample_chars, temperature=0.8, seed=cfg.seed)
+        sweep = [
+            bench_shape(shape, dtype, cfg, cfg.sweep_plan(), corpus, device)[0]
+            for shape in cfg.sweep_shapes()
+            for dtype in cfg.sweep_dtypes()
+        ]
+        environment = describe_machine(device)
     return {
         "config": asdict(cfg),
         "labels": {BASE: "nn.LSTM", CAND: "lstm_ext.LSTM" if cfg.impl == "lstm_ext" else "nn.LSTM (again)", CELLS: "nn.LSTMCell loop"},
-        "environment": describe_machine(device),
+        "environment": environment,
         "vocab_size": len(vocab),
         "main": main,
         "sample": sample,

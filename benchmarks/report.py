@@ -28,6 +28,11 @@ def _x(v: Optional[float]) -> str:
     return "" if v is None else f"{v:.2f}x"
 
 
+def _sweep_label(record: dict[str, Any], with_dtype: bool) -> str:
+    shape = str(Shape(**record["shape"]))
+    return f"{shape} {record['dtype']}" if with_dtype else shape
+
+
 def markdown(res: dict[str, Any]) -> str:
     """The results as a markdown report (also what the terminal shows)."""
     cfg, lab, m, env = res["config"], res["labels"], res["main"], res["environment"]
@@ -55,8 +60,13 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [
         "# lstm_ext benchmark: Shakespeare char-LSTM",
         "",
-        f"{lab[BASE]} vs {lab[CAND]}, {cfg['dtype']}, on {cfg['device']}. {machine}",
+        f"{lab[BASE]} vs {lab[CAND]}, {m['dtype']}, on {cfg['device']}. {machine}",
     ]
+    if env["gpu"]:
+        lines.append(
+            "TF32 off: torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False during the run, "
+            "so float32 matmuls and cuDNN RNNs compute in float32. Times from CUDA events."
+        )
     lines += [
         f"Embedding -> LSTM -> Linear, {m['shape']['layers']} layers of {m['shape']['hidden']}, vocabulary {res['vocab_size']}, "
         f"batch {m['shape']['batch']} x seq {m['shape']['seq']}{extras}; {cfg['steps']} Adam steps each, same initial weights and batches.",
@@ -71,18 +81,18 @@ def markdown(res: dict[str, Any]) -> str:
             "",
             f"## Sweep ({cfg['sweep_steps']} training steps per shape)",
             "",
-            f"{machine} Matmul reference per shape: a (4 hidden)^3 matmul in the same run.",
+            f"{machine} Matmul reference per row: a (4 hidden)^3 matmul in the same run and dtype.",
             "",
-            f"| shape | training tokens/s {lab[BASE]} | {lab[CAND]} | training speed-up | forward speed-up | LSTM fwd+bwd speed-up "
+            f"| shape | dtype | training tokens/s {lab[BASE]} | {lab[CAND]} | training speed-up | forward speed-up | LSTM fwd+bwd speed-up "
             f"| LSTM fwd+bwd % of matmul, {lab[BASE]} / {lab[CAND]} | generation speed-up | generation vs {lab[CELLS]} | max loss diff |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in res["sweep"]:
             t, lstm, gen = s["train_tokens_per_s"], s["lstm_fwd_bwd_tokens_per_s"], s["generate_chars_per_s"]
             fractions = f"{lstm['matmul_fraction_baseline']:.0%} / {lstm['matmul_fraction_candidate']:.0%}"
             vs_cells = _x(gen["speedup_vs_cells"]) if "speedup_vs_cells" in gen else ""
             lines.append(
-                f"| {Shape(**s['shape'])} | {_n(t[BASE])} | {_n(t[CAND])} | {_x(t['speedup'])} | {_x(s['forward_tokens_per_s']['speedup'])} "
+                f"| {Shape(**s['shape'])} | {s['dtype']} | {_n(t[BASE])} | {_n(t[CAND])} | {_x(t['speedup'])} | {_x(s['forward_tokens_per_s']['speedup'])} "
                 f"| {_x(lstm['speedup'])} | {fractions} | {_x(gen['speedup'])} | {vs_cells} | {s['max_abs_loss_diff']:.1e} |"
             )
     lines += ["", f"Sample from {lab[CAND]} (temperature 0.8):", "", "```", res["sample"].strip("\n"), "```", ""]
@@ -93,11 +103,12 @@ def figure(res: dict[str, Any], path: Path) -> None:
     """PNG: both loss curves, relative speed bars, and the sweep's training speed-ups if any."""
     lab, m, sweep = res["labels"], res["main"], res["sweep"]
     panels = 3 if sweep else 2
-    fig = Figure(figsize=(6 * panels, 4.5), layout="constrained")
+    # One bar per sweep row: a long sweep (16 shapes x 3 dtypes) needs the height.
+    fig = Figure(figsize=(6 * panels, max(4.5, 0.2 * len(sweep))), layout="constrained")
     axes = fig.subplots(1, panels)
     for name, style in ((BASE, "-"), (CAND, "--")):
         draw_losses(axes[0], {"train": m["losses"][name], "val": [[len(m["losses"][name]), m["val_loss"][name]]]}, lab[name], style)
-    axes[0].set_title("training loss, same batches")
+    axes[0].set_title(f"training loss, same batches ({m['dtype']})")
     # The curves overlap, so their gap gets its own axis.
     gaps = [abs(a - b) for a, b in zip(m["losses"][BASE], m["losses"][CAND])]
     gap = axes[0].twinx()
@@ -117,7 +128,8 @@ def figure(res: dict[str, Any], path: Path) -> None:
     axes[1].set_title("speed")
     axes[1].legend()
     if sweep:
-        axes[2].barh([str(Shape(**s["shape"])) for s in sweep], [s["train_tokens_per_s"]["speedup"] for s in sweep])
+        several_dtypes = len({s["dtype"] for s in sweep}) > 1
+        axes[2].barh([_sweep_label(s, several_dtypes) for s in sweep], [s["train_tokens_per_s"]["speedup"] for s in sweep])
         axes[2].axvline(1.0, color="k", lw=0.5)
         axes[2].invert_yaxis()
         axes[2].set_xlabel(f"training speed-up of {lab[CAND]}")

@@ -8,12 +8,13 @@ current stream (after a synchronize, so nothing earlier is counted); elsewhere w
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -74,6 +75,17 @@ def matmul_gflops(n: int, dtype: torch.dtype, device: torch.device, repeats: int
     return 2 * n**3 / statistics.median(times[1:]) / 1e9
 
 
+@contextlib.contextmanager
+def tf32_disabled() -> Iterator[None]:
+    """float32 matmuls and cuDNN RNNs in full float32 precision while inside (cuDNN allows TF32 by default)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def cpu_model() -> str:
     """The CPU's model name: /proc/cpuinfo's "model name", else lscpu's "Model name", else platform's guess."""
     try:
@@ -105,6 +117,7 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda if cuda else None,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "tf32": torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32,
         "python": platform.python_version(),
     }
 
