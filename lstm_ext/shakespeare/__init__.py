@@ -1,6 +1,7 @@
-"""Character-level LSTM on Shakespeare: data, training, sampling and the lstm_ext benchmark.
+"""Character-level LSTM on Shakespeare: data, training and sampling.
 
-Command line: ``python -m lstm_ext.shakespeare train|sample|bench --help``.
+Command line: ``python -m lstm_ext.shakespeare train|sample --help``. The benchmark of
+lstm_ext.LSTM against nn.LSTM on this model is ``python benchmarks/bench.py`` in a checkout.
 """
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import CharStreams, DataError, Vocab, load_text, render_play, shakespeare_text

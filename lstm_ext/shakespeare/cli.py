@@ -1,4 +1,4 @@
-"""``python -m lstm_ext.shakespeare train|sample|bench``: the command-line tool."""
+"""``python -m lstm_ext.shakespeare train|sample``: the command-line tool."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,6 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from . import bench
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import DataError
 from .model import ImplUnavailableError
@@ -87,13 +86,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub.add_parser("train", help="train a model (writes checkpoint.pt and loss.png)"))
     _sample_parser(sub.add_parser("sample", help="generate text from a checkpoint"))
-    bench.add_arguments(sub.add_parser("bench", help="compare lstm_ext.LSTM with nn.LSTM (see benchmarks/bench.py)"))
     args = parser.parse_args(argv)
     if args.command == "train" and args.ddp and "RANK" not in os.environ:
         parser.error("--ddp runs under torchrun: torchrun --nproc_per_node K -m lstm_ext.shakespeare train --ddp ...")
     set_threads(args.threads)
-    if args.command == "bench":
-        return bench.run_cli(args)
     try:
         return _run_train(args) if args.command == "train" else _run_sample(args)
     except (CheckpointError, DataError, ImplUnavailableError) as err:

@@ -1,0 +1,136 @@
+"""benchmarks/bench.py: runs end to end, writes its reports naming the machine, and both models learn alike."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from torch import nn
+
+from bench import main
+from config import QUICK, BenchConfig, Shape, parse_dtypes, parse_sweep
+from protocol import BASE, CAND, CELLS, LSTMCellStack, compare, lstm_forward_flops, run_bench
+from timing import cpu_model, tf32_disabled
+
+PHASES = ("train_tokens_per_s", "forward_tokens_per_s", "lstm_fwd_bwd_tokens_per_s", "generate_chars_per_s")
+
+
+def check_reports(out: Path, steps: int, tolerance: float) -> dict[str, Any]:
+    """The three files exist and agree, name the CPU; the loss curves match within ``tolerance``."""
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results.md").read_text(encoding="utf-8")
+    assert res["environment"]["cpu"] == cpu_model() and f"CPU {cpu_model()}" in md
+    main = res["main"]
+    losses = main["losses"]
+    assert len(losses[BASE]) == len(losses[CAND]) == steps
+    diff = max(abs(a - b) for a, b in zip(losses[BASE], losses[CAND]))
+    assert diff == main["max_abs_loss_diff"] <= tolerance
+    assert abs(main["val_loss"][BASE] - main["val_loss"][CAND]) <= tolerance
+    assert abs(main["tail_mean_loss"][BASE] - main["tail_mean_loss"][CAND]) <= tolerance
+    for phase in PHASES:
+        figures = main[phase]
+        assert figures[BASE] > 0 and figures[CAND] > 0 and figures["speedup"] > 0
+        assert f"{figures['speedup']:.2f}x" in md
+    assert main["matmul_gflops"] > 0 and main["memory"]["saved_mib"][CAND] > 0
+    assert res["sample"].strip() and res["sample"].strip().split("\n")[0] in md
+    return res
+
+
+def test_bench_script_quick_end_to_end(tmp_path: Path, run_bench_script: Callable) -> None:
+    proc = run_bench_script("--quick", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = check_reports(tmp_path, QUICK["steps"], tolerance=1e-3)
+    assert res["labels"][CAND] == "lstm_ext.LSTM" and CELLS in res["main"]["generate_chars_per_s"]
+    assert "| training, tokens/s |" in proc.stdout and f"CPU {cpu_model()}" in proc.stdout
+    assert res["environment"]["gpu"] is None and not res["environment"]["tf32"]
+
+
+def test_bench_extras_packed_projection_float64_sweep(tmp_path: Path, text_file: Path) -> None:
+    argv = ["--quick", "--data", str(text_file), "--packed", "--proj-size", "8", "--dtype", "float64",
+            "--sweep", "4x8x16x1,8x4x12x2", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    res = check_reports(tmp_path, QUICK["steps"], tolerance=1e-9)
+    assert [s["shape"] for s in res["sweep"]] == [{"batch": 4, "seq": 8, "hidden": 16, "layers": 1}, {"batch": 8, "seq": 4, "hidden": 12, "layers": 2}]
+    assert {s["dtype"] for s in res["sweep"]} == {"float64"}
+    assert CELLS not in res["main"]["generate_chars_per_s"]  # nn.LSTMCell has no projection
+
+
+def test_dtypes_run_every_sweep_shape_in_each(tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["--quick", "--data", str(text_file), "--steps", "4", "--sweep-steps", "3", "--sweep", "4x8x16x1", "--dtypes", "float32,bfloat16", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert res["main"]["dtype"] == "float32" and [s["dtype"] for s in res["sweep"]] == ["float32", "bfloat16"]
+    assert "| B=4 T=8 H=16 L=1 | bfloat16 |" in capsys.readouterr().out
+
+
+def test_dtypes_without_sweep_sweep_the_main_shape() -> None:
+    cfg = BenchConfig(dtypes="bfloat16,float16")
+    assert cfg.sweep_shapes() == [cfg.main_shape()] and cfg.sweep_dtypes() == ["bfloat16", "float16"]
+    assert BenchConfig().sweep_shapes() == [] and BenchConfig(dtype="float64").sweep_dtypes() == ["float64"]
+    assert parse_dtypes(" float32, float16") == ["float32", "float16"]
+    for bad in ("float32,float32", "float32,int8", ","):
+        with pytest.raises(ValueError):
+            parse_dtypes(bad)
+
+
+def test_bad_options_are_usage_errors(capsys: pytest.CaptureFixture) -> None:
+    for argv in (["--dtypes", "float32,int8"], ["--dtype", "float32", "--dtypes", "float16"], ["--sweep", "2x3"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without a GPU")
+def test_cuda_without_gpu_is_a_one_line_error_before_any_work(tmp_path: Path, run_bench_script: Callable) -> None:
+    out = tmp_path / "out"
+    proc = run_bench_script("--device", "cuda", "--sweep", "gpu", "--dtypes", "float32,bfloat16,float16", "--out", str(out))
+    assert proc.returncode != 0 and not out.exists()
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --device cuda") and not proc.stdout
+
+
+def test_nn_lstm_against_itself_learns_identically(tmp_path: Path, text_file: Path) -> None:
+    res = run_bench(BenchConfig(impl="torch", data=str(text_file), out=str(tmp_path), **QUICK, quick=True))
+    assert res["main"]["max_abs_loss_diff"] == 0.0 and res["labels"][CAND] == "nn.LSTM (again)"
+
+
+def test_sweep_presets_and_shapes() -> None:
+    assert len(parse_sweep("charrnn")) == 9 and len(parse_sweep("all")) == 13
+    assert Shape(32, 100, 512, 2) in parse_sweep("issue5")
+    gpu = parse_sweep("gpu")
+    assert len(set(gpu)) == 16 and {(s.seq, s.layers) for s in gpu} == {(100, 2)}
+    assert {s.batch for s in gpu} == {1, 8, 64, 256} and {s.hidden for s in gpu} == {128, 256, 512, 1024}
+    assert parse_sweep("issue5,2x3x4x5")[-1] == Shape(2, 3, 4, 5)
+    with pytest.raises(ValueError, match="BxTxHxL"):
+        parse_sweep("2x3")
+
+
+def test_tf32_is_off_inside_and_restored_after() -> None:
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with tf32_disabled():
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+def test_lstm_cell_stack_equals_nn_lstm() -> None:
+    torch.manual_seed(0)
+    lstm = nn.LSTM(5, 7, 3)
+    x, h0, c0 = torch.randn(4, 2, 5), torch.randn(3, 2, 7), torch.randn(3, 2, 7)
+    want, (hn, cn) = lstm(x, (h0, c0))
+    got, (gh, gc) = LSTMCellStack(lstm)(x, (h0, c0))
+    for a, b in ((want, got), (hn, gh), (cn, gc)):
+        torch.testing.assert_close(a, b)
+
+
+def test_flop_count_and_paired_speedups() -> None:
+    # One layer, I = H = 2: 2 * 4H * (I + H) = 64 per token; a 3-wide projection adds 2*H*P = 12.
+    assert lstm_forward_flops(1, Shape(1, 1, 2, 1), 0) == 64
+    assert lstm_forward_flops(10, Shape(1, 1, 2, 2), 3) == 10 * ((2 * 8 * (2 + 3) + 12) + (2 * 8 * (3 + 3) + 12))
+    times = {BASE: [9.0, 2.0, 2.0, 2.0], CAND: [9.0, 1.0, 1.0, 4.0], CELLS: [9.0, 4.0, 4.0, 4.0]}
+    out = compare(times, [8, 8, 8, 8], warmup=1)
+    assert out[BASE] == 4.0 and out[CAND] == 8.0 and out[CELLS] == 2.0
+    assert out["speedup"] == 2.0 and out["speedup_vs_cells"] == 4.0 and out["cells_vs_baseline"] == 0.5
