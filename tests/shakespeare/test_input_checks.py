@@ -202,6 +202,8 @@ MALFORMED = {
     "rank without rng": _set("ranks", 0, value={"state": None}),
     "state of the wrong shape": _set("ranks", 0, "state", value=(torch.zeros(1), torch.zeros(1))),
 }
+# Parts that only resuming uses: sampling such a checkpoint works.
+RESUME_ONLY = {"state of the wrong shape"}
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +231,9 @@ def test_malformed_checkpoint_is_one_line_error(
     argv = ["sample", path, "--length", "5"] if command == "sample" else ["train", "--resume", path, "--steps", "3",
                                                                           "--out", str(tmp_path / "run"), "--no-progress"]
     capsys.readouterr()
+    if command == "sample" and case in RESUME_ONLY:
+        assert main(argv) == 0
+        return
     assert main(argv) == 1
     assert path in one_line_error(capsys)
 
