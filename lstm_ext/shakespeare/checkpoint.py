@@ -4,7 +4,7 @@ A checkpoint is a ``torch.save``'d dict of plain containers and tensors, loaded 
 ``weights_only=True`` (no arbitrary code runs when a file is opened)::
 
     format        FORMAT
-    config        the TrainConfig as a dict
+    config        the TrainConfig as a dict (data and out as absolute paths)
     vocab         list of characters (index = id)
     data_digest   hash of the training text
     step          optimizer steps taken; also the data position (next batch: step mod batches per epoch)
@@ -12,6 +12,10 @@ A checkpoint is a ``torch.save``'d dict of plain containers and tensors, loaded 
     optimizer     Adam state dict
     history       {"train": [loss per step], "val": [[step, loss], ...]}
     ranks         per process: {"rng": ..., "state": (h, c) or None}
+
+``load_checkpoint`` checks the type of each part (``PARTS``); whether the parts fit a
+model is checked as they are loaded into it (``load_weights``, ``train._restore``).
+Every problem is a one-line CheckpointError.
 """
 from __future__ import annotations
 
@@ -54,13 +58,17 @@ def _is_history(value: Any) -> bool:
                     for v in value["val"]))
 
 
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(t, Tensor) for k, t in value.items())
+
+
 def _is_rank(value: Any) -> bool:
     """``{"rng": {"torch": tensor, "python": ...}, "state": None or (h, c)}``."""
     if not (isinstance(value, dict) and isinstance(value.get("rng"), dict) and "state" in value):
         return False
-    state = value["state"]
-    is_state = state is None or (isinstance(state, (list, tuple)) and len(state) == 2 and all(isinstance(t, Tensor) for t in state))
-    return isinstance(value["rng"].get("torch"), Tensor) and "python" in value["rng"] and is_state
+    rng, state = value["rng"], value["state"]
+    is_pair = isinstance(state, (list, tuple)) and len(state) == 2 and all(isinstance(t, Tensor) for t in state)
+    return isinstance(rng.get("torch"), Tensor) and "python" in rng and (state is None or is_pair)
 
 
 # What each part of a payload must be: its test, and how to tell a user.
@@ -69,12 +77,12 @@ PARTS: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("vocab", _is_vocab, "a list of distinct characters"),
     ("data_digest", lambda v: isinstance(v, str), "a string"),
     ("step", _is_count, "a step count"),
-    ("model", lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, Tensor) for k, t in v.items()),
-     "a state dict of tensors"),
-    ("optimizer", lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list),
-     "an optimizer state dict"),
+    ("model", _is_state_dict, "a state dict of tensors"),
+    ("optimizer", lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+     and isinstance(v.get("param_groups"), list), "an optimizer state dict"),
     ("history", _is_history, "a loss history"),
-    ("ranks", lambda v: isinstance(v, list) and len(v) > 0 and all(_is_rank(r) for r in v), "a list of per-process states"),
+    ("ranks", lambda v: isinstance(v, list) and len(v) > 0 and all(_is_rank(r) for r in v),
+     "a list of per-process states"),
 )
 
 
@@ -112,7 +120,9 @@ def load_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
     except FileNotFoundError as err:
         raise CheckpointError(f"checkpoint {path} does not exist") from err
     except Exception as err:  # unpickling foreign bytes fails with almost any error type
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {type(err).__name__}: {err}") from err
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (corrupt or truncated?): {type(err).__name__}: {err}"
+        ) from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an lstm_ext.shakespeare checkpoint (expected format {FORMAT!r})")
     missing = [k for k in REQUIRED if k not in ckpt]
@@ -144,7 +154,9 @@ def load_weights(module: torch.nn.Module, state_dict: dict[str, Tensor], path: U
         raise CheckpointError(f"the weights in {path} do not fit this model: {problem}")
     non_finite = [name for name, t in state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if non_finite:
-        raise CheckpointError(f"the weights in {path} are not finite (NaN or inf in {', '.join(non_finite)}); the model is unusable")
+        raise CheckpointError(
+            f"the weights in {path} are not finite (NaN or inf in {', '.join(non_finite)}); the model is unusable"
+        )
     module.load_state_dict(state_dict)
 
 

@@ -82,7 +82,9 @@ class TrainConfig:
             raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
         for name in ("data", "device", "out"):
             value = getattr(self, name)
-            if not (isinstance(value, str) and value) and not (name == "data" and value is None):
+            if name == "data" and value is None:
+                continue  # the default corpus
+            if not isinstance(value, str) or not value:
                 raise ValueError(f"{name} must be a non-empty string, got {value!r}")
 
     @classmethod
