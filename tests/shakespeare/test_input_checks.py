@@ -183,6 +183,8 @@ MALFORMED = {
     "hidden is a string": _set("config", "hidden", value="8"),
     "hidden is a float": _set("config", "hidden", value=8.0),
     "hidden is missing": _drop("config", "hidden"),
+    "hidden far larger than the weights": _set("config", "hidden", value=10**6),  # must not be allocated
+    "layers far more than the weights": _set("config", "layers", value=10**6),
     "unknown impl": _set("config", "impl", value="zzz"),
     "dropout out of range": _set("config", "dropout", value=5.0),
     "lr is nan": _set("config", "lr", value=float("nan")),
