@@ -98,12 +98,21 @@ class TrainConfig:
 
 
 def load_run(path: str) -> tuple[dict[str, Any], TrainConfig]:
-    """A checkpoint and the settings of its run; unusable settings are a CheckpointError."""
+    """A checkpoint and the settings of its run.
+
+    Unusable settings, or sizes that its weights do not have, are a CheckpointError.
+    """
     ckpt = load_checkpoint(path)
     try:
-        return ckpt, TrainConfig.from_dict(ckpt["config"])
+        cfg = TrainConfig.from_dict(ckpt["config"])
     except ValueError as err:
         raise CheckpointError(f"checkpoint {path} holds unusable settings: {err}") from err
+    if not CharLSTM.sized_for(ckpt["model"], len(ckpt["vocab"]), cfg.hidden, cfg.layers):
+        raise CheckpointError(
+            f"the weights in {path} do not fit this model (vocabulary {len(ckpt['vocab'])}, "
+            f"hidden {cfg.hidden}, layers {cfg.layers})"
+        )
+    return ckpt, cfg
 
 
 @dataclass
