@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import copy
 import importlib
+import itertools
+import operator
 import shutil
+from functools import reduce
 from pathlib import Path
 from typing import Any, Callable
 
@@ -144,37 +147,17 @@ def test_the_same_text_at_another_path_resumes(
     assert load_checkpoint(ckpt)["config"]["data"] == str(same.resolve())
 
 
-def _set(*keys: Any, value: Any) -> Callable[[dict[str, Any]], None]:
-    """An edit that sets ``ckpt[keys[0]][keys[1]]... = value``."""
-
-    def change(ckpt: dict[str, Any]) -> None:
-        target = ckpt
-        for key in keys[:-1]:
-            target = target[key]
-        target[keys[-1]] = value
-
-    return change
+Edit = Callable[[dict[str, Any]], None]
 
 
-def _drop(*keys: Any) -> Callable[[dict[str, Any]], None]:
+def _set(*keys: Any, value: Any) -> Edit:
+    """An edit that sets ``ckpt[keys[0]]...[keys[-1]] = value``."""
+    return lambda ckpt: operator.setitem(reduce(operator.getitem, keys[:-1], ckpt), keys[-1], value)
+
+
+def _drop(*keys: Any) -> Edit:
     """An edit that deletes ``ckpt[keys[0]]...[keys[-1]]``."""
-
-    def change(ckpt: dict[str, Any]) -> None:
-        target = ckpt
-        for key in keys[:-1]:
-            target = target[key]
-        del target[keys[-1]]
-
-    return change
-
-
-def _poison(name: str) -> Callable[[dict[str, Any]], None]:
-    """An edit that fills the weight ``name`` with NaN."""
-
-    def change(ckpt: dict[str, Any]) -> None:
-        ckpt["model"][name] = torch.full_like(ckpt["model"][name], float("nan"))
-
-    return change
+    return lambda ckpt: operator.delitem(reduce(operator.getitem, keys[:-1], ckpt), keys[-1])
 
 
 MALFORMED = {
@@ -221,6 +204,13 @@ def malformed_dir(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return root
 
 
+def use_checkpoint(command: str, path: str, tmp_path: Path) -> list[str]:
+    """Arguments that sample ``path`` or resume its run for one more step."""
+    if command == "sample":
+        return ["sample", path, "--length", "5"]
+    return ["train", "--resume", path, "--steps", "3", "--out", str(tmp_path / "run"), "--no-progress"]
+
+
 MALFORMED_FILES = {**{name: f"{i}.pt" for i, name in enumerate(MALFORMED)}, "text file": "hello.pt"}
 
 
@@ -230,8 +220,7 @@ def test_malformed_checkpoint_is_one_line_error(
     case: str, command: str, malformed_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     path = str(malformed_dir / MALFORMED_FILES[case])
-    argv = ["sample", path, "--length", "5"] if command == "sample" else ["train", "--resume", path, "--steps", "3",
-                                                                          "--out", str(tmp_path / "run"), "--no-progress"]
+    argv = use_checkpoint(command, path, tmp_path)
     capsys.readouterr()
     if command == "sample" and case in RESUME_ONLY:
         assert main(argv) == 0
@@ -245,11 +234,10 @@ def test_non_finite_weights_are_reported_not_used(
     command: str, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     ckpt = torch.load(checkpoint, weights_only=True)
-    _poison("head.weight")(ckpt)
+    ckpt["model"]["head.weight"].fill_(float("nan"))
     path = tmp_path / "nan.pt"
     torch.save(ckpt, path)
-    argv = ["sample", str(path), "--length", "5"] if command == "sample" else ["train", "--resume", str(path), "--steps", "3",
-                                                                               "--out", str(tmp_path / "run"), "--no-progress"]
+    argv = use_checkpoint(command, str(path), tmp_path)
     capsys.readouterr()
     assert main(argv) == 1
     err = one_line_error(capsys)
@@ -259,12 +247,12 @@ def test_non_finite_weights_are_reported_not_used(
 def test_diverging_training_stops_with_an_error_and_keeps_the_last_finite_weights(
     small_text: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    losses = iter(range(100))
+    calls = itertools.count()
     real_loss = train_module.lm_loss
 
     def nan_at_step_3(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = real_loss(logits, targets)
-        return loss * float("nan") if next(losses) == 2 else loss
+        return loss * float("nan") if next(calls) == 2 else loss  # the third call is step 3's
 
     monkeypatch.setattr(train_module, "lm_loss", nan_at_step_3)
     out = tmp_path / "run"
