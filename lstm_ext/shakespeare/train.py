@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .checkpoint import (
     CheckpointError,
     describe_mismatch,
+    ensure_writable_dir,
     load_checkpoint,
     load_weights,
     rng_state,
@@ -26,11 +27,29 @@ from .checkpoint import (
     set_rng_state,
 )
 from .data import CharStreams, Vocab, load_text, split, text_digest
-from .model import CharLSTM, State, detach_state
+from .model import IMPLS, CharLSTM, State, detach_state
+from .options import (
+    Number,
+    available_device,
+    dropout_probability,
+    learning_rate,
+    open_fraction,
+    positive_float,
+    positive_int,
+    random_seed,
+)
 from .plot import plot_losses
 
-# Settings that fix the model's shape or the data layout: a checkpoint only resumes with the same ones.
-MUST_MATCH = ("data", "hidden", "layers", "batch", "seq", "val_fraction")
+# Settings that fix the model's shape or the data layout: a checkpoint only resumes with the same ones
+# (and the same text, compared by its digest, wherever the file now is).
+MUST_MATCH = ("hidden", "layers", "batch", "seq", "val_fraction")
+
+# Allowed values of the numeric settings; the train command parses its options with these rules too.
+NUMBER_SETTINGS: dict[str, Number] = {
+    "hidden": positive_int, "layers": positive_int, "dropout": dropout_probability, "batch": positive_int,
+    "seq": positive_int, "steps": positive_int, "lr": learning_rate, "clip": positive_float, "seed": random_seed,
+    "val_fraction": open_fraction, "eval_every": positive_int, "eval_batches": positive_int, "save_every": positive_int,
+}
 
 
 @dataclass
@@ -55,11 +74,45 @@ class TrainConfig:
     save_every: int = 500
     out: str = "runs/shakespeare"
 
+    def __post_init__(self) -> None:
+        """Reject settings no run can use (ValueError), whether from options, code or a checkpoint."""
+        for name, rule in NUMBER_SETTINGS.items():
+            setattr(self, name, rule.check(getattr(self, name), name))
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
+        for name in ("data", "device", "out"):
+            value = getattr(self, name)
+            if name == "data" and value is None:
+                continue  # the default corpus
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Build from a dict, ignoring keys this version does not know."""
+        """Build from a dict that has at least the MUST_MATCH keys, ignoring keys this version does not know."""
+        missing = [k for k in MUST_MATCH if k not in values]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)} given")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def load_run(path: str) -> tuple[dict[str, Any], TrainConfig]:
+    """A checkpoint and the settings of its run.
+
+    Unusable settings, or sizes that its weights do not have, are a CheckpointError.
+    """
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = TrainConfig.from_dict(ckpt["config"])
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path} holds unusable settings: {err}") from err
+    if not CharLSTM.sized_for(ckpt["model"], len(ckpt["vocab"]), cfg.hidden, cfg.layers):
+        raise CheckpointError(
+            f"the weights in {path} do not fit this model (vocabulary {len(ckpt['vocab'])}, "
+            f"hidden {cfg.hidden}, layers {cfg.layers})"
+        )
+    return ckpt, cfg
 
 
 @dataclass
@@ -72,6 +125,7 @@ class TrainResult:
     history: dict[str, list] = field(default_factory=dict)
     checkpoint: Optional[Path] = None
     interrupted: bool = False
+    diverged: bool = False  # the gradients of step ``step + 1`` were not finite; the model is as after ``step``
 
 
 @dataclass
@@ -85,7 +139,7 @@ class _Dist:
     @classmethod
     def setup(cls, ddp: bool, device: str) -> "_Dist":
         """Join the torchrun process group (gloo on CPU, nccl on CUDA) when ``ddp``."""
-        dev = torch.device(device)
+        dev = available_device(device)
         if not ddp:
             return cls(device=dev)
         if "RANK" not in os.environ:
@@ -161,12 +215,41 @@ def evaluate(model: nn.Module, streams: CharStreams, max_batches: int, device: t
     return total / n
 
 
-def _check_resume(ckpt: dict[str, Any], cfg: TrainConfig, digest: str, world: int, path: str) -> None:
-    saved = {**ckpt["config"], "data_digest": ckpt["data_digest"], "world": len(ckpt["ranks"])}
-    wanted = {**asdict(cfg), "data_digest": digest, "world": world}
-    problem = describe_mismatch(saved, wanted, MUST_MATCH + ("data_digest", "world"))
+def _check_resume(ckpt: dict[str, Any], saved_cfg: TrainConfig, cfg: TrainConfig, digest: str, world: int, path: str) -> None:
+    """CheckpointError unless the checkpoint was made by a run of this shape, world size and text."""
+    saved = {**asdict(saved_cfg), "world": len(ckpt["ranks"])}
+    wanted = {**asdict(cfg), "world": world}
+    problem = describe_mismatch(saved, wanted, MUST_MATCH + ("world",))
     if problem:
         raise CheckpointError(f"cannot resume from {path}, it was made for another run ({problem})")
+    if ckpt["data_digest"] != digest:
+        raise CheckpointError(
+            f"cannot resume from {path}: {cfg.data or 'the default corpus'} is not the text it was trained on "
+            f"(digest {digest}, the run's {ckpt['data_digest']}); give the run's text with --data"
+        )
+
+
+def _restore(ckpt: dict[str, Any], path: str, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
+             env: _Dist) -> Optional[State]:
+    """Load the weights, optimizer and RNG state of this rank; return its carried (h, c), if any.
+
+    The checkpoint's structure is already checked; what remains is whether it fits this model.
+    """
+    load_weights(model, ckpt["model"], path)
+    mine = ckpt["ranks"][env.rank]
+    if mine["state"] is not None and any(t.shape != (cfg.layers, cfg.batch, cfg.hidden) for t in mine["state"]):
+        raise CheckpointError(f"the carried LSTM state in {path} does not fit this model")
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+        set_rng_state(mine["rng"], env.device)
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as err:  # how each rejects foreign state
+        raise CheckpointError(f"the optimizer or random state in {path} is unusable: {err}") from err
+    # Adam's moments have their weight's shape (its step count is a scalar).
+    misfits = [p for p in model.parameters() for t in opt.state[p].values()
+               if isinstance(t, Tensor) and t.dim() > 0 and t.shape != p.shape]
+    if misfits:
+        raise CheckpointError(f"the optimizer state in {path} does not fit this model")
+    return None if mine["state"] is None else tuple(t.to(env.device) for t in mine["state"])  # type: ignore[return-value]
 
 
 def train(cfg: TrainConfig, resume: Optional[str] = None, ddp: bool = False, progress: bool = True) -> TrainResult:
@@ -174,17 +257,22 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, ddp: bool = False, pro
 
     Writes ``checkpoint.pt`` and ``loss.png`` to ``cfg.out`` every ``save_every`` steps,
     at the end, and when interrupted (SIGINT/SIGTERM): the run then stops after the
-    current step and the result has ``interrupted=True``. Resuming reproduces the
-    losses of an uninterrupted run exactly (same device and thread count).
+    current step and the result has ``interrupted=True``. A step whose gradients are
+    not finite is not taken: the run stops there, saves, and the result has
+    ``diverged=True``. Resuming reproduces the losses of an uninterrupted run exactly
+    (same device and thread count). The checkpoint stores ``data`` and ``out`` as
+    absolute paths, so that a run resumes from any directory.
     """
-    if cfg.steps < 1 or cfg.eval_every < 1 or cfg.save_every < 1 or cfg.eval_batches < 1:
-        raise ValueError("steps, eval_every, save_every and eval_batches must be positive")
+    cfg = replace(cfg, data=None if cfg.data is None else str(Path(cfg.data).resolve()), out=str(Path(cfg.out).resolve()))
     env = _Dist.setup(ddp, cfg.device)
+    out = Path(cfg.out)
+    ensure_writable_dir(out)
     text = load_text(cfg.data)
     digest = text_digest(text)
-    ckpt = load_checkpoint(resume) if resume else None
-    if ckpt is not None:
-        _check_resume(ckpt, cfg, digest, env.world, str(resume))
+    ckpt: Optional[dict[str, Any]] = None
+    if resume:
+        ckpt, saved_cfg = load_run(str(resume))
+        _check_resume(ckpt, saved_cfg, cfg, digest, env.world, str(resume))
     vocab = Vocab(ckpt["vocab"]) if ckpt else Vocab.from_text(text)
     train_ids, val_ids = split(vocab.encode(text), cfg.val_fraction)
     streams = CharStreams(train_ids, cfg.batch, cfg.seq, env.rank, env.world)
@@ -198,20 +286,14 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, ddp: bool = False, pro
         step, history = 0, {"train": [], "val": []}
         torch.manual_seed(cfg.seed + env.rank)  # but different dropout masks per rank
     else:
-        load_weights(model, ckpt["model"], str(resume))
-        opt.load_state_dict(ckpt["optimizer"])
+        state = _restore(ckpt, str(resume), model, opt, cfg, env)
         for group in opt.param_groups:
             group["lr"] = cfg.lr  # honour a changed --lr
         step, history = ckpt["step"], ckpt["history"]
-        mine = ckpt["ranks"][env.rank]
-        set_rng_state(mine["rng"], env.device)
-        if mine["state"] is not None:
-            state = tuple(t.to(env.device) for t in mine["state"])  # type: ignore[assignment]
     net: nn.Module = model
     if ddp:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
-    out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     lead = env.rank == 0
 
@@ -236,7 +318,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, ddp: bool = False, pro
     chars_per_step = cfg.batch * cfg.seq * env.world
     step_time: Optional[float] = None  # moving average, for a steady chars/s readout
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and lead), unit="step", dynamic_ncols=True)
-    interrupted = False
+    interrupted = diverged = False
     net.train()
     with _stop_requests() as stop:
         while step < cfg.steps and not interrupted:
@@ -248,7 +330,11 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, ddp: bool = False, pro
             loss = lm_loss(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            # The same on every rank (the gradients are all-reduced), so all ranks stop together.
+            diverged = not bool(torch.isfinite(grad_norm))
+            if diverged:  # one such step would make every weight NaN; keep the last finite model instead
+                break
             opt.step()
             mean_loss, interrupted = env.mean_and_stop(loss, stop[0])
             state = detach_state(new_state)
@@ -263,7 +349,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, ddp: bool = False, pro
             if step % cfg.save_every == 0 and step < cfg.steps and not interrupted:
                 save()
     bar.close()
-    if not history["val"] or history["val"][-1][0] != step:
+    if step > 0 and (not history["val"] or history["val"][-1][0] != step):  # step 0: diverged before any step
         validate()
     save()
-    return TrainResult(model, vocab, step, history, ckpt_path if lead else None, interrupted)
+    return TrainResult(model, vocab, step, history, ckpt_path if lead else None, interrupted, diverged)

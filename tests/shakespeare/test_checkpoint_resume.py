@@ -74,7 +74,7 @@ def test_mismatched_resume_is_one_clear_error(checkpoint: Path, tmp_path: Path, 
     other = tmp_path / "other.txt"
     other.write_text("something else entirely\n" * 100, encoding="utf-8")
     assert main(["train", "--resume", str(checkpoint), "--data", str(other), "--steps", "4"]) == 1
-    assert "data: checkpoint" in capsys.readouterr().err
+    assert "is not the text it was trained on" in capsys.readouterr().err
 
 
 def corrupt_files(checkpoint: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
