@@ -47,7 +47,7 @@ run() {
 }
 
 if [[ $MODE == gpu ]]; then
-  nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
   ARCH=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
   echo "== build in place for sm_${ARCH/./} with $(nproc) jobs"
