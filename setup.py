@@ -32,7 +32,7 @@ def extensions_and_commands():
         ext = cpp_extension.CUDAExtension(
             "lstm_ext._C",
             sources,
-            extra_compile_args={"cxx": cfg.CXX_FLAGS, "nvcc": cfg.NVCC_FLAGS},
+            extra_compile_args={"cxx": cfg.CXX_FLAGS, "nvcc": cfg.nvcc_flags()},
         )
     else:
         ext = cpp_extension.CppExtension(

@@ -4,6 +4,7 @@ Imports nothing from torch, so setup.py can read it where torch is absent.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -30,6 +31,32 @@ CXX_FLAGS = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={CPU_CAPABILITY}"] + (
 )
 # No --use_fast_math: the gate math must match the CPU kernels.
 NVCC_FLAGS = ["-O3"]
+# Headers that ATen/cuda/CUDAContext.h includes (the CUDA backend calls cuBLAS): a CUDA
+# toolkit without its math libraries lacks them, torch's pip "nvidia" packages have them.
+_CUDA_LIBRARY_HEADERS = ("cublas_v2.h", "cublasLt.h", "cusparse.h", "cusolverDn.h")
+
+
+def _pip_cuda_include_dirs() -> list[str]:
+    """include/ folders of the installed nvidia-* pip packages that hold those headers:
+    nvidia/cu13/include for CUDA 13 builds, nvidia/cublas/include and others for CUDA 12."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    dirs = []
+    for root in spec.submodule_search_locations:
+        for inc in sorted(Path(root).glob("*/include")):
+            if any((inc / h).is_file() for h in _CUDA_LIBRARY_HEADERS):
+                dirs.append(str(inc))
+    return dirs
+
+
+def nvcc_flags() -> list[str]:
+    """NVCC_FLAGS, and the pip packages' CUDA headers as system includes: searched after
+    every -I, so a full toolkit's own headers (CUDA_HOME/include) still come first."""
+    flags = list(NVCC_FLAGS)
+    for inc in _pip_cuda_include_dirs():
+        flags += ["-isystem", inc]
+    return flags
 
 
 def source_dir() -> Path:

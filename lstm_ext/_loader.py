@@ -29,7 +29,7 @@ def _build_on_import() -> None:
         name="lstm_ext_cuda" if with_cuda else "lstm_ext_cpu",
         sources=sources,
         extra_cflags=cfg.CXX_FLAGS,
-        extra_cuda_cflags=cfg.NVCC_FLAGS,
+        extra_cuda_cflags=cfg.nvcc_flags(),
         is_python_module=False,
         verbose=os.environ.get("LSTM_EXT_VERBOSE") == "1",
     )

@@ -1,11 +1,15 @@
-// CUDA backend: per-step GEMMs through ATen (cuBLAS on the current stream) and the
-// pointwise cell kernels, one thread per (row, unit), running the shared gate math in
+// CUDA backend: per-step GEMMs call cuBLAS directly on the current stream and handle,
+// and the pointwise cell kernels run one thread per (row, unit), the shared gate math in
 // float (the opmath type of half and bfloat16) or double.
 #include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <climits>
 
 #include "../cell_math.h"
 #include "../lstm_layer.h"
@@ -60,19 +64,84 @@ __global__ void cell_backward_kernel(BackwardStep<scalar_t> s) {
   }
 }
 
+// cuBLAS data and compute types of a scalar type (alpha and beta are its opmath type).
+// Half and bfloat16 accumulate in float (CUBLAS_COMPUTE_32F); float32 uses TF32 tensor
+// cores only where torch.backends.cuda.matmul.allow_tf32 allows them.
+template <typename scalar_t>
+struct CublasTypes;
+template <>
+struct CublasTypes<double> {
+  static constexpr cudaDataType_t data = CUDA_R_64F;
+  static cublasComputeType_t compute(bool /*tf32*/) { return CUBLAS_COMPUTE_64F; }
+};
+template <>
+struct CublasTypes<float> {
+  static constexpr cudaDataType_t data = CUDA_R_32F;
+  static cublasComputeType_t compute(bool tf32) { return tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F; }
+};
+template <>
+struct CublasTypes<at::Half> {
+  static constexpr cudaDataType_t data = CUDA_R_16F;
+  static cublasComputeType_t compute(bool /*tf32*/) { return CUBLAS_COMPUTE_32F; }
+};
+template <>
+struct CublasTypes<at::BFloat16> {
+  static constexpr cudaDataType_t data = CUDA_R_16BF;
+  static cublasComputeType_t compute(bool /*tf32*/) { return CUBLAS_COMPUTE_32F; }
+};
+
+// A weight operand with what its GEMMs need from torch, looked up once per weight and op
+// call (prepare) so that a step costs one cuBLAS call and no torch call.
+template <typename scalar_t>
+struct CudaWeight {
+  WeightOperand<scalar_t> operand;
+  cublasHandle_t handle;  // the current thread's handle, bound to the current stream
+  cublasComputeType_t compute;
+};
+
+inline int as_int(int64_t v) {
+  TORCH_CHECK(v <= INT_MAX, "lstm_ext: GEMM dimension ", v, " exceeds cuBLAS's int range");
+  return static_cast<int>(v);
+}
+
 struct CudaBackend {
   template <typename scalar_t>
-  static WeightOperand<scalar_t> prepare(const WeightOperand<scalar_t>& w, int64_t /*steps*/) {
-    return w;
+  static CudaWeight<scalar_t> prepare(const WeightOperand<scalar_t>& w, int64_t /*steps*/) {
+    // getCurrentCUDABlasHandle binds the handle to the current stream (and sets its math
+    // mode from the same allowTF32CuBLAS flag); the op runs on that stream throughout.
+    return {w, at::cuda::getCurrentCUDABlasHandle(),
+            CublasTypes<scalar_t>::compute(at::globalContext().allowTF32CuBLAS())};
   }
 
+  // Row-major C (m x n) = A (m x k) op(W) + beta * C. cuBLAS is column-major, and a
+  // row-major (r x c) matrix with leading dimension ld is, read column-major, its
+  // transpose (c x r) with the same ld. So compute C^T (n x m) = op(W)^T (n x k) A^T (k x m):
+  //   op(W)^T: W's memory read column-major is W^T (cols x rows, ld cols); op(W) = W^T
+  //     (transposed) needs W = (W^T)^T, i.e. CUBLAS_OP_T; op(W) = W needs W^T as stored,
+  //     CUBLAS_OP_N. Either way lda = W.cols.
+  //   A^T: A's memory as stored, CUBLAS_OP_N, ldb = lda.   C^T: as stored, ldc = ldc.
+  // This is the CPU backend's column_major_gemm call, on cuBLAS.
   template <typename scalar_t>
-  static void gemm(int64_t m, const scalar_t* a, int64_t lda, const WeightOperand<scalar_t>& w, float beta,
+  static void gemm(int64_t m, const scalar_t* a, int64_t lda, const CudaWeight<scalar_t>& w, float beta,
                    scalar_t* c, int64_t ldc) {
-    if (m == 0 || w.n() == 0) return;
-    // cuBLAS itself is not exported to extensions by every torch build; ATen's is.
-    const c10::Device device(c10::kCUDA, c10::cuda::current_device());
-    aten_gemm(device, m, a, lda, w, beta, c, ldc);
+    const WeightOperand<scalar_t>& op = w.operand;
+    if (m == 0 || op.n() == 0) return;
+    if (op.k() == 0) {
+      // An empty product: C = beta * C (beta is 0 or 1 here). cuBLAS would reject the
+      // zero leading dimensions of empty operands.
+      if (beta == 0) {
+        C10_CUDA_CHECK(cudaMemset2DAsync(c, ldc * sizeof(scalar_t), 0, op.n() * sizeof(scalar_t), m,
+                                          c10::cuda::getCurrentCUDAStream()));
+      }
+      return;
+    }
+    using acc_t = at::opmath_type<scalar_t>;  // alpha and beta: double for float64, else float
+    const acc_t alpha_v = 1, beta_v = beta;
+    constexpr cudaDataType_t type = CublasTypes<scalar_t>::data;
+    TORCH_CUDABLAS_CHECK(cublasGemmEx(w.handle, op.transposed ? CUBLAS_OP_T : CUBLAS_OP_N, CUBLAS_OP_N,
+                                      as_int(op.n()), as_int(m), as_int(op.k()), &alpha_v, op.data, type,
+                                      as_int(op.cols), a, type, as_int(lda), &beta_v, c, type, as_int(ldc),
+                                      w.compute, CUBLAS_GEMM_DEFAULT));
   }
 
   static Tensor weight_grad(const Tensor& dg, const Tensor& a) { return at::mm(dg.t(), a); }
