@@ -20,7 +20,6 @@ import sys
 from dataclasses import replace
 from typing import Callable, Optional
 
-import torch
 
 try:
     import lstm_ext.shakespeare  # noqa: F401  (the application the benchmark runs)
@@ -83,29 +82,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", default=S, help="tiny model and few steps (seconds; for tests)")
 
 
-def device_problem(name: str) -> Optional[str]:
-    """Why the benchmark cannot run on the torch device ``name``; None if it can."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        return f"--device {name}: {err}"
-    if device.type == "cpu":
-        return None
-    if device.type != "cuda":
-        return f"--device {name}: the benchmark runs on cpu or cuda"
-    if not torch.cuda.is_available():
-        return f"--device {name}: torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False)"
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        return f"--device {name}: there are {torch.cuda.device_count()} CUDA devices"
-    return None
-
-
 def config_problem(cfg: BenchConfig) -> Optional[str]:
-    """Why ``cfg`` cannot run, found before any work; None if it can."""
+    """Why ``cfg`` cannot run, found before any work; None if it can. (--device is
+    checked while parsing, by the option itself.)"""
     shapes = [cfg.main_shape(), *cfg.sweep_shapes()]
     if cfg.proj_size and any(s.hidden <= cfg.proj_size for s in shapes):
         return f"--proj-size {cfg.proj_size} must be smaller than every hidden size"
-    return device_problem(cfg.device)
+    return None
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -88,9 +88,11 @@ def test_bad_options_are_usage_errors(capsys: pytest.CaptureFixture) -> None:
 def test_cuda_without_gpu_is_a_one_line_error_before_any_work(tmp_path: Path, run_bench_script: Callable) -> None:
     out = tmp_path / "out"
     proc = run_bench_script("--device", "cuda", "--sweep", "gpu", "--dtypes", "float32,bfloat16,float16", "--out", str(out))
-    assert proc.returncode != 0 and not out.exists()
+    # A usage error from the shared --device option: argparse's usage, then one error line.
+    assert proc.returncode == 2 and not out.exists() and not proc.stdout
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --device cuda") and not proc.stdout
+    assert lines[0].startswith("usage: ") and "Traceback" not in proc.stderr
+    assert lines[-1].startswith("bench.py: error: argument --device: device 'cuda' is not available")
 
 
 def test_nn_lstm_against_itself_learns_identically(tmp_path: Path, text_file: Path) -> None:
