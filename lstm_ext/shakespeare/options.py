@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -81,13 +81,17 @@ def available_device(name: str) -> torch.device:
     return device
 
 
-def _device_option(text: str) -> str:
-    """argparse type for --device: the name, once ``available_device`` accepts it."""
-    try:
-        available_device(text)
-    except DeviceError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+def checked_text(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """argparse type that validates with ``parse`` (a ValueError becomes a usage error) and keeps the text."""
+
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+
+    return check
 
 
 def given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
@@ -102,7 +106,7 @@ def given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
 def add_common(p: argparse.ArgumentParser, impl_help: str) -> None:
     """Options every command has: implementation, device and thread count."""
     p.add_argument("--impl", choices=IMPLS, default=argparse.SUPPRESS, help=impl_help)
-    p.add_argument("--device", type=_device_option, default=argparse.SUPPRESS,
+    p.add_argument("--device", type=checked_text(available_device), default=argparse.SUPPRESS,
                    help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--threads", type=positive_int, default=None, help="intra-op CPU threads (default: torch's choice)")
 

@@ -1,11 +1,12 @@
-"""Shared fixtures: a private corpus cache, a small training text, and a python runner."""
+"""Fixtures of the application's tests: a private corpus cache for each, a python runner
+(the corpus cache, the small text and the child environment are in tests/conftest.py)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 import torch
@@ -17,36 +18,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session", autouse=True)
-def corpus_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Keep the rendered corpus out of the user's cache (children inherit the variable)."""
-    from lstm_ext.shakespeare.data import CACHE_ENV
-
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(path)
-    yield path
-    if old is None:
-        del os.environ[CACHE_ENV]
-    else:
-        os.environ[CACHE_ENV] = old
-
-
-@pytest.fixture(scope="session")
-def text_file(tmp_path_factory: pytest.TempPathFactory, corpus_cache: Path) -> Path:
-    """The first 30,000 characters of the rendered corpus, enough for tiny models."""
-    from lstm_ext.shakespeare.data import shakespeare_text
-
-    path = tmp_path_factory.mktemp("data") / "plays.txt"
-    path.write_text(shakespeare_text()[:30_000], encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="session")
-def child_env() -> dict[str, str]:
-    """Environment for child pythons: the checkout importable, one thread, unbuffered output."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return env
+def _private_corpus_cache(corpus_cache: Path) -> None:
+    """Every test here renders the corpus into a private cache (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
