@@ -9,9 +9,10 @@
 // so a Backend has
 //   gemm(m, A, lda, W, beta, C, ldc): row-major C (m x n) = A (m x k) op(W) + beta * C,
 //     with W a WeightOperand, or what prepare returned for it;
-//   prepare(W, steps): called once per op call for each weight of the forward and the
-//     per-step backward GEMMs (which then serve `steps` steps), so that the backend can
-//     lay it out for them once rather than at every step;
+//   prepare(W, use): called once per op call for each weight of the forward and the
+//     per-step backward GEMMs (a GemmUse: which GEMM, over how many steps, the rows of
+//     most calls), so that the backend can lay it out for them once rather than at every
+//     step, and pick its implementation;
 //   cell_forward(const ForwardStep<scalar_t>&) and cell_backward(const BackwardStep<scalar_t>&);
 //   weight_grad(dg, a): dg^T a, a weight gradient over all steps, from 2-D tensors.
 #pragma once
@@ -58,6 +59,16 @@ struct WeightOperand {
   bool transposed;
   int64_t k() const { return transposed ? cols : rows; }
   int64_t n() const { return transposed ? rows : cols; }
+};
+
+// The GEMMs of a layer that multiply by a prepared weight.
+enum class GemmRole { kInputProjection, kRecurrent, kProjection, kRecurrentGrad, kProjectionGrad, kInputGrad };
+
+// What a prepared weight serves: the GEMMs of `role` over `steps` steps of the sequence,
+// all or most of them (packed sequences: the steps of the longest) with `rows` rows.
+struct GemmUse {
+  GemmRole role;
+  int64_t steps, rows;
 };
 
 // Row-major C (m x n) = A (m x k) op(W) + beta * C through ATen, on raw pointers of
@@ -243,10 +254,14 @@ void forward_time_loop(const LayerDims& d, const Schedule& sc, const scalar_t* x
   const int64_t G = 4 * d.H;
   // The (rows, H) cells and hidden of the step at sequence row `row0`: inference keeps one.
   auto state_at = [&](scalar_t* base, int64_t row0) { return base + (st.per_step ? row0 * d.H : 0); };
-  const auto w_ih_t = Backend::prepare(WeightOperand<scalar_t>{w_ih, G, d.I, true}, d.T);
-  const auto w_hh_t = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, true}, d.T);
+  // The input projection runs once over all rows, or per block of steps for inference.
+  const int64_t projected_rows = std::min(st.block_steps * d.N, d.R);
+  const auto w_ih_t =
+      Backend::prepare(WeightOperand<scalar_t>{w_ih, G, d.I, true}, {GemmRole::kInputProjection, d.T, projected_rows});
+  const auto w_hh_t = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, true}, {GemmRole::kRecurrent, d.T, d.N});
   // Without a projection w_hr is null: its operand is left empty, and unused.
-  const auto w_hr_t = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.projected ? d.P : 0, d.H, true}, d.T);
+  const auto w_hr_t = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.projected ? d.P : 0, d.H, true},
+                                       {GemmRole::kProjection, d.T, d.N});
   for (int64_t s0 = 0; s0 < d.T; s0 += st.block_steps) {
     // One GEMM projects the inputs of the block's steps, times [t_lo, t_lo + n), which
     // are sequence rows [row_lo, row_hi).
@@ -285,8 +300,10 @@ void backward_time_loop(const LayerDims& d, const Schedule& sc, const scalar_t* 
                         const scalar_t* c0, const scalar_t* w_ih, scalar_t* dhy, scalar_t* dc,
                         scalar_t* d_gates, scalar_t* dh0, scalar_t* dr, scalar_t* dx) {
   const int64_t G = 4 * d.H;
-  const auto w_hh_n = Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, false}, d.T);
-  const auto w_hr_n = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.projected ? d.P : 0, d.H, false}, d.T);
+  const auto w_hh_n =
+      Backend::prepare(WeightOperand<scalar_t>{w_hh, G, d.P, false}, {GemmRole::kRecurrentGrad, d.T, d.N});
+  const auto w_hr_n = Backend::prepare(WeightOperand<scalar_t>{w_hr, d.projected ? d.P : 0, d.H, false},
+                                       {GemmRole::kProjectionGrad, d.T, d.N});
   for (auto it = sc.steps.rbegin(); it != sc.steps.rend(); ++it) {
     const Step& s = *it;
     if (s.rows == 0) continue;
@@ -309,7 +326,7 @@ void backward_time_loop(const LayerDims& d, const Schedule& sc, const scalar_t* 
     }
   }
   if (dx != nullptr) {
-    const auto w_ih_n = Backend::prepare(WeightOperand<scalar_t>{w_ih, G, d.I, false}, d.T);
+    const auto w_ih_n = Backend::prepare(WeightOperand<scalar_t>{w_ih, G, d.I, false}, {GemmRole::kInputGrad, d.T, d.R});
     Backend::gemm(d.R, d_gates, G, w_ih_n, 0, dx, d.I);
   }
 }

@@ -1,5 +1,6 @@
 // CPU backend: the float32/float64 GEMMs of multi-step calls (input projection, per-step
-// GEMMs, dx) run packed_gemm on weights packed once per call; the other GEMMs call the
+// GEMMs, dx) run on weights packed once per call, by packed_gemm's microkernel or MKL's
+// packed GEMM, whichever gemm_select.h picked for the shape; the other GEMMs call the
 // BLAS that torch itself links (MKL or OpenBLAS export the Fortran sgemm_/dgemm_), so a
 // step costs no dispatcher round trip and no allocation. The pointwise cell kernels are
 // vectorized and run parallel over blocks of the batch x hidden elements.
@@ -10,6 +11,7 @@
 
 #include "../cell_math.h"
 #include "../lstm_layer.h"
+#include "gemm_select.h"
 #include "packed_gemm.h"
 #include "vec_math.h"
 
@@ -96,11 +98,13 @@ void cell_forward_at(scalar_t* g, const scalar_t* bias, const scalar_t* c_prev, 
   r.h.store(h_out + j);
 }
 
-// A weight operand, with its packed copy when packed_gemm will serve it.
+// A weight operand, with its packed copy for the implementation that will serve it: MKL
+// (float32 only, for mkl->rows() rows) or the microkernel.
 template <typename scalar_t>
 struct CpuWeight {
   WeightOperand<scalar_t> operand;
   std::optional<PackedWeight<scalar_t>> packed;
+  std::optional<MklPackedWeight> mkl;
 };
 
 // Packing reads and writes the whole weight once: worth it only when the packed copy
@@ -108,12 +112,17 @@ struct CpuWeight {
 constexpr int64_t kMinStepsToPack = 8;
 
 struct CpuBackend {
-  // Float32 and float64 weights are packed for packed_gemm; half and bfloat16 keep the ATen path.
+  // Float32 and float64 weights are packed; half and bfloat16 keep the ATen path.
   template <typename scalar_t>
-  static CpuWeight<scalar_t> prepare(const WeightOperand<scalar_t>& w, int64_t steps) {
-    CpuWeight<scalar_t> prepared{w, std::nullopt};
+  static CpuWeight<scalar_t> prepare(const WeightOperand<scalar_t>& w, const GemmUse& use) {
+    CpuWeight<scalar_t> prepared{w, std::nullopt, std::nullopt};
     if constexpr (kVectorized<scalar_t>) {
-      if (steps >= kMinStepsToPack && w.rows > 0) prepared.packed.emplace(w);
+      if (use.steps < kMinStepsToPack || w.rows == 0) return prepared;
+      if (select_gemm(w, use) == GemmImpl::kMicrokernel) {
+        prepared.packed.emplace(w);
+      } else if constexpr (std::is_same_v<scalar_t, float>) {
+        prepared.mkl.emplace(w, use.rows);
+      }
     }
     return prepared;
   }
@@ -123,6 +132,9 @@ struct CpuBackend {
                    scalar_t* c, int64_t ldc) {
     if constexpr (kVectorized<scalar_t>) {
       if (w.packed) return packed_gemm(m, a, lda, *w.packed, beta, c, ldc);
+    }
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (w.mkl && m == w.mkl->rows()) return w.mkl->compute(a, lda, beta, c, ldc);
     }
     gemm(m, a, lda, w.operand, beta, c, ldc);
   }
@@ -214,6 +226,9 @@ struct CpuBackend {
 };
 
 }  // namespace
+
+// The GEMM implementations chosen so far in this process (gemm_select.h), for benchmarks.
+TORCH_LIBRARY_FRAGMENT(lstm_ext, m) { m.def("gemm_choices() -> str", [] { return gemm_choices(); }); }
 
 TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
   m.impl("lstm_forward", &lstm_forward<CpuBackend>);

@@ -106,7 +106,7 @@ inline int as_int(int64_t v) {
 
 struct CudaBackend {
   template <typename scalar_t>
-  static CudaWeight<scalar_t> prepare(const WeightOperand<scalar_t>& w, int64_t /*steps*/) {
+  static CudaWeight<scalar_t> prepare(const WeightOperand<scalar_t>& w, const GemmUse& /*use*/) {
     // getCurrentCUDABlasHandle binds the handle to the current stream (and sets its math
     // mode from the same allowTF32CuBLAS flag); the op runs on that stream throughout.
     return {w, at::cuda::getCurrentCUDABlasHandle(),
