@@ -1,0 +1,95 @@
+"""Each GEMM implementation the CPU backend can pick (csrc/cpu/gemm_select.h), forced through
+LSTM_EXT_GEMM, against nn.LSTM; and the fallback when torch lacks MKL's packed GEMM.
+
+The choice is read once per process, so every case runs in a child python.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+# Two layers, both directions, a projection, packed sequences whose batch shrinks (so
+# the per-step GEMMs also see fewer rows than they were prepared for), and T = 10 >= 8
+# steps so that the weights are packed. Forward+backward, then a no_grad forward.
+CHILD = r"""
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+import lstm_ext
+
+torch.manual_seed(0)
+I, H, P, T = 12, 20, 9, 10
+lengths = [10, 10, 9, 7, 4, 2, 1]
+TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
+
+
+def close(got, expected, dtype, what):
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(got, expected, rtol=TOL[dtype], atol=TOL[dtype] * scale, msg=lambda m: f"{what}: {m}")
+
+
+for dtype in (torch.float32, torch.float64):
+    for packed in (False, True):
+        ref = nn.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P, dtype=dtype)
+        ext = lstm_ext.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P, dtype=dtype)
+        ext.load_state_dict(ref.state_dict())
+        x = torch.randn(T, len(lengths), I, dtype=dtype)
+        results = {}
+        for name, module in (("ref", ref), ("ext", ext)):
+            leaf = x.clone().requires_grad_()
+            inp = pack_padded_sequence(leaf, lengths) if packed else leaf
+            y, (h, c) = module(inp)
+            y = y.data if packed else y
+            (y.square().sum() + h.sum() + 2 * c.sum()).backward()
+            with torch.no_grad():
+                y_inf = module(inp)[0]
+            results[name] = [y, h, c, leaf.grad, y_inf.data if packed else y_inf] + [p.grad for p in module.parameters()]
+        for i, (got, expected) in enumerate(zip(results["ext"], results["ref"])):
+            close(got, expected, dtype, f"{dtype} packed={packed} output {i}")
+print(torch.ops.lstm_ext.gemm_choices(), end="")
+"""
+
+
+def run_child(env_update: dict[str, str], child_env: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in child_env.items() if not k.startswith("LSTM_EXT_GEMM")}
+    env.update(env_update, OMP_NUM_THREADS="2")  # two threads: the microkernel splits its panels
+    return subprocess.run([sys.executable, "-c", CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def float32_choices(out: str) -> list[str]:
+    lines = [line for line in out.splitlines() if " float32 " in line]
+    assert lines, out
+    return lines
+
+
+@pytest.mark.parametrize("mode", ["auto", "mkl", "microkernel"])
+def test_forced_gemm_matches_nn_lstm(mode, child_env):
+    proc = run_child({"LSTM_EXT_GEMM": mode}, child_env)
+    assert proc.returncode == 0, proc.stderr
+    choices = float32_choices(proc.stdout)
+    # float64 has no MKL packed GEMM: the microkernel always.
+    assert all(line.endswith("microkernel (no MKL packed GEMM for this dtype)")
+               for line in proc.stdout.splitlines() if " float64 " in line), proc.stdout
+    if any("MKL packed GEMM unavailable" in line for line in choices):
+        pytest.skip("this torch exports no MKL packed GEMM: every mode runs the microkernel")
+    if mode == "auto":
+        assert all("(timed: " in line for line in choices), proc.stdout
+    else:
+        assert all(line.endswith(f": {mode} (LSTM_EXT_GEMM)") for line in choices), proc.stdout
+
+
+@pytest.mark.parametrize("mode", ["auto", "mkl"])
+def test_without_mkl_falls_back_to_microkernel(mode, child_env):
+    proc = run_child({"LSTM_EXT_GEMM": mode, "LSTM_EXT_GEMM_DISABLE_MKL": "1"}, child_env)
+    assert proc.returncode == 0, proc.stderr
+    assert all(line.endswith("microkernel (MKL packed GEMM unavailable)") for line in float32_choices(proc.stdout))
+
+
+def test_unknown_gemm_mode_is_an_error(child_env):
+    proc = run_child({"LSTM_EXT_GEMM": "fastest"}, child_env)
+    assert proc.returncode != 0
+    assert "LSTM_EXT_GEMM must be auto, mkl or microkernel, but got 'fastest'" in proc.stderr
