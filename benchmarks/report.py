@@ -95,6 +95,9 @@ def markdown(res: dict[str, Any]) -> str:
                 f"| {Shape(**s['shape'])} | {s['dtype']} | {_n(t[BASE])} | {_n(t[CAND])} | {_x(t['speedup'])} | {_x(s['forward_tokens_per_s']['speedup'])} "
                 f"| {_x(lstm['speedup'])} | {fractions} | {_x(gen['speedup'])} | {vs_cells} | {s['max_abs_loss_diff']:.1e} |"
             )
+    if env["gemm"]:
+        lines += ["", f"## {lab[CAND]}'s CPU GEMM per role and shape (m x k times k x n), chosen once per process", ""]
+        lines += [f"- {choice}" for choice in env["gemm"]]
     lines += ["", f"Sample from {lab[CAND]} (temperature 0.8):", "", "```", res["sample"].strip("\n"), "```", ""]
     return "\n".join(lines)
 

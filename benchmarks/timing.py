@@ -107,7 +107,7 @@ def cpu_model() -> str:
 
 
 def describe_machine(device: torch.device) -> dict[str, Any]:
-    """What the timings ran on: CPU model, GPU name (CUDA only), software versions, threads."""
+    """What the timings ran on: CPU model, GPU name (CUDA only), software versions, threads, CPU GEMMs used."""
     cuda = device.type == "cuda"
     return {
         "cpu": cpu_model(),
@@ -119,5 +119,8 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "tf32": torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32,
         "python": platform.python_version(),
+        # The CPU GEMM each role of lstm_ext's layer ran, per shape (empty on CUDA): called
+        # after the runs, since the choices are made on first use.
+        "gemm": torch.ops.lstm_ext.gemm_choices().splitlines(),
     }
 

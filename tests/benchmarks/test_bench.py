@@ -56,6 +56,9 @@ def test_bench_extras_packed_projection_float64_sweep(tmp_path: Path, text_file:
     assert [s["shape"] for s in res["sweep"]] == [{"batch": 4, "seq": 8, "hidden": 16, "layers": 1}, {"batch": 8, "seq": 4, "hidden": 12, "layers": 2}]
     assert {s["dtype"] for s in res["sweep"]} == {"float64"}
     assert CELLS not in res["main"]["generate_chars_per_s"]  # nn.LSTMCell has no projection
+    # Sequences of 8 steps pack the weights: the report names the GEMM of each role.
+    md = (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert res["environment"]["gemm"] and all(f"- {choice}" in md for choice in res["environment"]["gemm"])
 
 
 def test_dtypes_run_every_sweep_shape_in_each(tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture) -> None:
