@@ -1,9 +1,10 @@
 // Run-time choice, per GEMM of the layer, between packed_gemm's microkernel and MKL's
 // packed GEMM (cblas_sgemm_pack/compute, exported by torch's libtorch_cpu when torch is
 // built with MKL). Neither wins everywhere: on an Intel Xeon with AMX MKL ran the per-step
-// shapes 2-2.7x faster than the microkernel; on AMD EPYC (AVX2 code path in MKL) the
-// microkernel can be faster. So the first weight prepared for a (role, m, n, k, dtype,
-// threads) times both once, and the process keeps the faster, like cuDNN's algorithm search.
+// shapes 2-2.7x faster than the microkernel; on an AMD EPYC with AVX-512 the microkernel
+// ran them 1.4-2x faster than MKL (and large input projections and dx within +-10%).
+// So the first weight prepared for a (role, m, n, k, dtype, threads) times both once, and
+// the process keeps the faster, like cuDNN's algorithm search.
 //   LSTM_EXT_GEMM=auto|mkl|microkernel (read once) forces the choice;
 //   LSTM_EXT_GEMM_DISABLE_MKL=1 (read once) acts as a torch without MKL would, for tests.
 // MKL has no float64 packed GEMM in torch's exports: float64 always runs the microkernel.
