@@ -66,9 +66,9 @@ def float32_choices(out: str) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("mode", ["auto", "mkl", "microkernel"])
+@pytest.mark.parametrize("mode", ["auto", "mkl", "microkernel", None])
 def test_forced_gemm_matches_nn_lstm(mode, child_env):
-    proc = run_child({"LSTM_EXT_GEMM": mode}, child_env)
+    proc = run_child({} if mode is None else {"LSTM_EXT_GEMM": mode}, child_env)
     assert proc.returncode == 0, proc.stderr
     choices = float32_choices(proc.stdout)
     # float64 has no MKL packed GEMM: the microkernel always.
@@ -78,6 +78,8 @@ def test_forced_gemm_matches_nn_lstm(mode, child_env):
         pytest.skip("this torch exports no MKL packed GEMM: every mode runs the microkernel")
     if mode == "auto":
         assert all("(timed: " in line for line in choices), proc.stdout
+    elif mode is None:  # deterministic by default: the microkernel
+        assert all(line.endswith(": microkernel (default)") for line in choices), proc.stdout
     else:
         assert all(line.endswith(f": {mode} (LSTM_EXT_GEMM)") for line in choices), proc.stdout
 

@@ -1,13 +1,18 @@
 // Run-time choice, per GEMM of the layer, between packed_gemm's microkernel and MKL's
 // packed GEMM (cblas_sgemm_pack/compute, exported by torch's libtorch_cpu when torch is
-// built with MKL). Neither wins everywhere: on an Intel Xeon with AMX MKL ran the per-step
-// shapes 2-2.7x faster than the microkernel; on an AMD EPYC with AVX-512 the microkernel
-// ran them 1.4-2x faster than MKL (and large input projections and dx within +-10%).
-// So the first weight prepared for a (role, m, n, k, dtype, threads) times both once, and
-// the process keeps the faster, like cuDNN's algorithm search.
-//   LSTM_EXT_GEMM=auto|mkl|microkernel (read once) forces the choice;
-//   LSTM_EXT_GEMM_DISABLE_MKL=1 (read once) acts as a torch without MKL would, for tests.
-// MKL has no float64 packed GEMM in torch's exports: float64 always runs the microkernel.
+// built with MKL). Neither wins everywhere: issue 10 reports MKL's packed GEMM at 2-2.7x
+// the microkernel's rate on the per-step shapes of an Intel Xeon with AMX; on an AMD EPYC
+// with AVX-512 the microkernel ran them 1.4-2x faster than MKL (large input projections
+// and dx within +-10%).
+//   LSTM_EXT_GEMM=microkernel (the default) or mkl picks one for every float32 GEMM;
+//   LSTM_EXT_GEMM=auto times both once for the first weight prepared for a (role, m, n,
+//     k, dtype, threads) and keeps the faster for the process, like cuDNN's algorithm
+//     search. Not the default: a timed choice can differ between runs (two candidates
+//     within noise), and with it the float32 rounding, so a resumed run would no longer
+//     repeat an uninterrupted one exactly.
+//   LSTM_EXT_GEMM_DISABLE_MKL=1 acts as a torch without MKL would, for tests.
+// Both variables are read once. MKL has no float64 packed GEMM in torch's exports:
+// float64 always runs the microkernel.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -46,15 +51,14 @@ inline bool env_is(const char* name, const char* value) {
   return v != nullptr && std::string(v) == value;
 }
 
-// LSTM_EXT_GEMM: empty (unset or "auto") means time the candidates.
+// LSTM_EXT_GEMM: the implementation it names, or none for "auto" (time the candidates).
 inline std::optional<GemmImpl> forced_impl() {
   static const std::optional<GemmImpl> forced = [] () -> std::optional<GemmImpl> {
     const char* v = std::getenv("LSTM_EXT_GEMM");
-    const std::string mode = v == nullptr ? "auto" : v;
+    const std::string mode = v == nullptr || *v == '\0' ? "microkernel" : v;
     if (mode == "mkl") return GemmImpl::kMkl;
     if (mode == "microkernel") return GemmImpl::kMicrokernel;
-    TORCH_CHECK(mode == "auto" || mode.empty(), "lstm_ext: LSTM_EXT_GEMM must be auto, mkl or microkernel, but got '",
-                mode, "'");
+    TORCH_CHECK(mode == "auto", "lstm_ext: LSTM_EXT_GEMM must be auto, mkl or microkernel, but got '", mode, "'");
     return std::nullopt;
   }();
   return forced;
@@ -159,8 +163,9 @@ class MklPackedWeight {
   at::Tensor buffer_;
 };
 
-// The implementation for the GEMMs of `use` against w: forced by LSTM_EXT_GEMM, or the
-// one timed faster for this (role, m, n, k, dtype, threads) when first asked.
+// The implementation for the GEMMs of `use` against w: the one LSTM_EXT_GEMM names (the
+// microkernel by default), or with "auto" the one timed faster for this (role, m, n, k,
+// dtype, threads) when first asked.
 template <typename scalar_t>
 GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
   using namespace gemm_select_detail;
@@ -177,7 +182,7 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
   if (!mkl_usable) {
     choice.reason = std::is_same_v<scalar_t, float> ? "MKL packed GEMM unavailable" : "no MKL packed GEMM for this dtype";
   } else if (forced) {
-    choice = {*forced, "LSTM_EXT_GEMM"};
+    choice = {*forced, std::getenv("LSTM_EXT_GEMM") != nullptr ? "LSTM_EXT_GEMM" : "default"};
   } else if constexpr (std::is_same_v<scalar_t, float>) {
     // Timed on the real weight and zero inputs of the real shape, into a scratch C.
     const PackedWeight<float> micro(w);
