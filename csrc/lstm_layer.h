@@ -71,20 +71,6 @@ struct GemmUse {
   int64_t steps, rows;
 };
 
-// Row-major C (m x n) = A (m x k) op(W) + beta * C through ATen, on raw pointers of
-// `device`. Each call wraps the pointers in tensor views (host metadata, no device memory).
-template <typename scalar_t>
-void aten_gemm(c10::Device device, int64_t m, const scalar_t* a, int64_t lda, const WeightOperand<scalar_t>& w,
-               float beta, scalar_t* c, int64_t ldc) {
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value).device(device);
-  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld) {
-    return at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts);
-  };
-  const Tensor weight = view(w.data, w.rows, w.cols, w.cols);
-  Tensor out = view(c, m, w.n(), ldc);
-  at::addmm_out(out, out, view(a, m, w.k(), lda), w.transposed ? weight.t() : weight, beta, 1);
-}
-
 // Pointers of one forward step. All row-major and contiguous, row strides 4H or H.
 template <typename scalar_t>
 struct ForwardStep {

@@ -36,9 +36,14 @@ def _check_devices(x: Tensor, others: dict[str, Optional[Tensor]], batch_sizes: 
         )
 
 
+def _check_layer_devices(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes) -> None:
+    """``_check_devices`` for the inputs of lstm_forward and lstm_inference."""
+    _check_devices(x, dict(h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr), batch_sizes)
+
+
 @torch.library.register_fake("lstm_ext::lstm_forward")
 def _lstm_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
-    _check_devices(x, dict(h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr), batch_sizes)
+    _check_layer_devices(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes)
     rows = x.shape[:-1]  # (T, N), or (R,) for packed data
     H, P = c0.shape[1], h0.shape[1]
     hidden = x.new_empty(*rows, H) if w_hr is not None else x.new_empty(0)
@@ -54,7 +59,7 @@ def _lstm_forward_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, rev
 
 @torch.library.register_fake("lstm_ext::lstm_inference")
 def _lstm_inference_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse):
-    _check_devices(x, dict(h0=h0, c0=c0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr), batch_sizes)
+    _check_layer_devices(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes)
     P = h0.shape[1]
     return x.new_empty(*x.shape[:-1], P), x.new_empty(c0.shape[0], P), x.new_empty(c0.shape)
 

@@ -182,7 +182,8 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
   if (!mkl_usable) {
     choice.reason = std::is_same_v<scalar_t, float> ? "MKL packed GEMM unavailable" : "no MKL packed GEMM for this dtype";
   } else if (forced) {
-    choice = {*forced, std::getenv("LSTM_EXT_GEMM") != nullptr ? "LSTM_EXT_GEMM" : "default"};
+    const char* mode = std::getenv("LSTM_EXT_GEMM");
+    choice = {*forced, mode != nullptr && *mode != '\0' ? "LSTM_EXT_GEMM" : "default"};
   } else if constexpr (std::is_same_v<scalar_t, float>) {
     // Timed on the real weight and zero inputs of the real shape, into a scratch C.
     const PackedWeight<float> micro(w);

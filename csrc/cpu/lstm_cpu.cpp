@@ -65,6 +65,20 @@ bool column_major_gemm(bool, bool, int64_t, int64_t, int64_t, const scalar_t*, i
   return false;
 }
 
+// Row-major C (m x n) = A (m x k) op(W) + beta * C through ATen, on raw CPU pointers, for
+// the dtypes no BLAS here serves. Each call wraps the pointers in tensor views.
+template <typename scalar_t>
+void aten_gemm(int64_t m, const scalar_t* a, int64_t lda, const WeightOperand<scalar_t>& w, float beta, scalar_t* c,
+               int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld) {
+    return at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts);
+  };
+  const at::Tensor weight = view(w.data, w.rows, w.cols, w.cols);
+  at::Tensor out = view(c, m, w.n(), ldc);
+  at::addmm_out(out, out, view(a, m, w.k(), lda), w.transposed ? weight.t() : weight, beta, 1);
+}
+
 template <typename scalar_t>
 constexpr bool kVectorized = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
@@ -150,7 +164,7 @@ struct CpuBackend {
       return;
     }
     // Half, bfloat16, or no Fortran BLAS in this torch: let ATen do it.
-    aten_gemm(at::kCPU, m, a, lda, op, beta, c, ldc);
+    aten_gemm(m, a, lda, op, beta, c, ldc);
   }
 
   // dg^T a. Float64 runs as (a^T dg)^T: MKL's dgemm is 1.1-1.6x faster in that
