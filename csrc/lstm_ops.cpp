@@ -35,6 +35,19 @@ TORCH_LIBRARY(lstm_ext, m) {
       "Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, "
       "Tensor y, Tensor gates, Tensor cells, Tensor hidden, bool[3] output_mask) "
       "-> (Tensor dx, Tensor dh0, Tensor dc0, Tensor dw_ih, Tensor dw_hh, Tensor db, Tensor dw_hr)");
+  // The same three for the cells without a cell state, by torch's RNN mode: "GRU",
+  // "RNN_TANH" or "RNN_RELU". `saved` is what the backward needs of each step (the GRU's
+  // r, z, n and W_hn h + b_hn; the RNN's h).
+  m.def(
+      "rnn_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? batch_sizes, bool reverse, str mode) -> (Tensor y, Tensor h_n, Tensor saved)");
+  m.def(
+      "rnn_inference(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+      "Tensor? batch_sizes, bool reverse, str mode) -> (Tensor y, Tensor h_n)");
+  m.def(
+      "rnn_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, "
+      "Tensor? batch_sizes, bool reverse, str mode, Tensor y, Tensor saved, bool[3] output_mask) "
+      "-> (Tensor dx, Tensor dh0, Tensor dw_ih, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
 }
 
 namespace {
@@ -45,22 +58,9 @@ using OptTensor = std::optional<Tensor>;
 constexpr char kForward[] = "lstm_ext::lstm_forward";
 constexpr char kInference[] = "lstm_ext::lstm_inference";
 constexpr char kBackward[] = "lstm_ext::lstm_backward";
-
-// Under autocast, run the layer in the autocast dtype, as nn.LSTM does: the casts are
-// ordinary ops, so autograd sees them and returns gradients in each input's dtype.
-template <c10::DeviceType device, const char* op_name, class Result>
-Result layer_autocast(const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-                      const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr,
-                      const OptTensor& batch_sizes, bool reverse) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device));
-  const auto dtype = at::autocast::get_autocast_dtype(device);
-  auto cast = [&](const auto& t) { return at::autocast::cached_cast(dtype, t, device); };
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow(op_name, "")
-                       .typed<decltype(layer_autocast<device, op_name, Result>)>();
-  return op.call(cast(x), cast(h0), cast(c0), cast(w_ih), cast(w_hh), cast(b_ih), cast(b_hh), cast(w_hr),
-                 batch_sizes, reverse);
-}
+constexpr char kRnnForward[] = "lstm_ext::rnn_forward";
+constexpr char kRnnInference[] = "lstm_ext::rnn_inference";
+constexpr char kRnnBackward[] = "lstm_ext::rnn_backward";
 
 using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using InferenceResult = std::tuple<Tensor, Tensor, Tensor>;
@@ -74,10 +74,42 @@ using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Ten
     const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, bool, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, std::array<bool, 3>);
+using RnnForwardSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                               const Tensor&, const OptTensor&, const OptTensor&,
+                                                               const OptTensor&, bool, c10::string_view);
+using RnnInferenceSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                         const OptTensor&, const OptTensor&, const OptTensor&, bool,
+                                                         c10::string_view);
+using RnnBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+    const OptTensor&, bool, c10::string_view, const Tensor&, const Tensor&, std::array<bool, 3>);
+
+// Under autocast, run the layer in the autocast dtype, as nn.LSTM, nn.RNN and (on CUDA)
+// nn.GRU do: the casts are ordinary ops, so autograd sees them and returns gradients in
+// each input's dtype. On CPU nn.GRU keeps its state, and so its output, in the
+// parameters' dtype: the GRU op runs uncast there.
+inline bool is_gru(c10::string_view mode) { return mode == "GRU"; }
+template <class T>
+inline bool is_gru(const T&) {
+  return false;
+}
+
+template <c10::DeviceType device, const char* op_name, class Signature>
+struct Autocast;
+template <c10::DeviceType device, const char* op_name, class Result, class... Args>
+struct Autocast<device, op_name, Result(Args...)> {
+  static Result call(Args... args) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(device));
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(op_name, "").typed<Result(Args...)>();
+    if (device == c10::DeviceType::CPU && (is_gru(args) || ...)) return op.call(args...);
+    const auto dtype = at::autocast::get_autocast_dtype(device);
+    return op.call(at::autocast::cached_cast(dtype, args, device)...);
+  }
+};
 
 // Derivative guards. The ops' only derivative is lstm_forward's reverse-mode one
 // (registered from Python); anything else must fail loudly instead of returning outputs
-// with no derivative attached. lstm_ext.functional.lstm_layer routes forward-mode AD and
+// with no derivative attached. lstm_ext.functional's layers route forward-mode AD and
 // torch.func transforms to the plain-PyTorch layer, so only direct op calls get here.
 inline bool needs_derivative(const Tensor& t, bool reverse_mode) {
   return (reverse_mode && c10::GradMode::is_enabled() && t.requires_grad()) || t._fw_grad(/*level=*/0).defined();
@@ -101,7 +133,7 @@ struct RefuseDerivatives<op_name, reverse_mode, Result(Args...)> {
   static Result call(Args... args) {
     TORCH_CHECK(!(needs_derivative(args, reverse_mode) || ...), op_name, " has no ",
                 reverse_mode ? "derivative" : "forward-mode derivative",
-                ", but an input requires one; use lstm_ext.functional.lstm_layer, which picks a differentiable path");
+                ", but an input requires one; use lstm_ext.functional's layers, which pick a differentiable path");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(op_name, "").typed<Result(Args...)>();
     return op.call(args...);
@@ -113,18 +145,26 @@ struct RefuseDerivatives<op_name, reverse_mode, Result(Args...)> {
 TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
   m.impl("lstm_inference", &RefuseDerivatives<kInference, true, InferenceSignature>::call);
   m.impl("lstm_backward", &RefuseDerivatives<kBackward, true, BackwardSignature>::call);
+  m.impl("rnn_inference", &RefuseDerivatives<kRnnInference, true, RnnInferenceSignature>::call);
+  m.impl("rnn_backward", &RefuseDerivatives<kRnnBackward, true, RnnBackwardSignature>::call);
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, ADInplaceOrView, m) {
   m.impl("lstm_forward", &RefuseDerivatives<kForward, false, ForwardSignature>::call);
+  m.impl("rnn_forward", &RefuseDerivatives<kRnnForward, false, RnnForwardSignature>::call);
 }
 
-TORCH_LIBRARY_IMPL(lstm_ext, AutocastCPU, m) {
-  m.impl("lstm_forward", &layer_autocast<c10::DeviceType::CPU, kForward, ForwardResult>);
-  m.impl("lstm_inference", &layer_autocast<c10::DeviceType::CPU, kInference, InferenceResult>);
+namespace {
+// The autocast kernels of one device.
+template <c10::DeviceType device>
+void register_autocast(torch::Library& m) {
+  m.impl("lstm_forward", &Autocast<device, kForward, ForwardSignature>::call);
+  m.impl("lstm_inference", &Autocast<device, kInference, InferenceSignature>::call);
+  m.impl("rnn_forward", &Autocast<device, kRnnForward, RnnForwardSignature>::call);
+  m.impl("rnn_inference", &Autocast<device, kRnnInference, RnnInferenceSignature>::call);
 }
+}  // namespace
 
-TORCH_LIBRARY_IMPL(lstm_ext, AutocastCUDA, m) {
-  m.impl("lstm_forward", &layer_autocast<c10::DeviceType::CUDA, kForward, ForwardResult>);
-  m.impl("lstm_inference", &layer_autocast<c10::DeviceType::CUDA, kInference, InferenceResult>);
-}
+TORCH_LIBRARY_IMPL(lstm_ext, AutocastCPU, m) { register_autocast<c10::DeviceType::CPU>(m); }
+
+TORCH_LIBRARY_IMPL(lstm_ext, AutocastCUDA, m) { register_autocast<c10::DeviceType::CUDA>(m); }

@@ -27,7 +27,7 @@
 #include <string>
 #include <tuple>
 
-#include "../lstm_layer.h"
+#include "../backend_api.h"
 #include "packed_gemm.h"
 
 // Weak, like sgemm_ in lstm_cpu.cpp: null in a torch without MKL, so the import still works.

@@ -2,15 +2,15 @@
 // GEMMs, dx) run on weights packed once per call, by packed_gemm's microkernel or MKL's
 // packed GEMM, whichever gemm_select.h picked for the shape; the other GEMMs call the
 // BLAS that torch itself links (MKL or OpenBLAS export the Fortran sgemm_/dgemm_), so a
-// step costs no dispatcher round trip and no allocation. The pointwise cell kernels are
-// vectorized and run parallel over blocks of the batch x hidden elements.
+// step costs no dispatcher round trip and no allocation. The pointwise kernels run any
+// Cell (cells.h), vectorized, in parallel over blocks of the batch x hidden elements.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include "../cell_math.h"
-#include "../lstm_layer.h"
+#include "../cells.h"
+#include "../layer_ops.h"
 #include "gemm_select.h"
 #include "packed_gemm.h"
 #include "vec_math.h"
@@ -33,8 +33,19 @@ namespace lstm_ext {
 // half/bfloat16 use the plain path.
 template <typename T>
 struct Math<at::vec::Vectorized<T>> {
-  static at::vec::Vectorized<T> exp(const at::vec::Vectorized<T>& x) { return vec_exp(x); }
-  static at::vec::Vectorized<T> tanh(const at::vec::Vectorized<T>& x) { return vec_tanh(x); }
+  using Vec = at::vec::Vectorized<T>;
+  static Vec exp(const Vec& x) { return vec_exp(x); }
+  static Vec tanh(const Vec& x) { return vec_tanh(x); }
+  static Vec relu(const Vec& x) { return at::vec::clamp_min(x, Vec(0)); }  // max keeps NaN
+  static Vec where_positive(const Vec& y, const Vec& v) { return Vec::blendv(Vec(0), v, y > Vec(0)); }
+};
+
+// Loads and stores one vector of T.
+template <typename T>
+struct VecLane {
+  using Vec = at::vec::Vectorized<T>;
+  static Vec load(const T* p) { return Vec::loadu(p); }
+  static void store(T* p, const Vec& v) { v.store(p); }
 };
 
 namespace {
@@ -98,20 +109,6 @@ void for_each_block(int64_t rows, int64_t H, const Fn& fn) {
   });
 }
 
-template <typename T, typename scalar_t>
-void cell_forward_at(scalar_t* g, const scalar_t* bias, const scalar_t* c_prev, scalar_t* c_out, scalar_t* h_out,
-                     int64_t H, int64_t j) {
-  auto load = [&](const scalar_t* p) { return T::loadu(p + j); };
-  auto pre = [&](int64_t k) { return load(g + k) + load(bias + k); };
-  const auto r = cell_forward<T>(pre(0), pre(H), pre(2 * H), pre(3 * H), load(c_prev));
-  r.i.store(g + j);
-  r.f.store(g + H + j);
-  r.g.store(g + 2 * H + j);
-  r.o.store(g + 3 * H + j);
-  r.c.store(c_out + j);
-  r.h.store(h_out + j);
-}
-
 // A weight operand, with its packed copy for the implementation that will serve it: MKL
 // (float32 only, for mkl->rows() rows) or the microkernel.
 template <typename scalar_t>
@@ -126,6 +123,10 @@ struct CpuWeight {
 constexpr int64_t kMinStepsToPack = 8;
 
 struct CpuBackend {
+  struct DeviceGuard {
+    explicit DeviceGuard(c10::Device) {}
+  };
+
   // Float32 and float64 weights are packed; half and bfloat16 keep the ATen path.
   template <typename scalar_t>
   static CpuWeight<scalar_t> prepare(const WeightOperand<scalar_t>& w, const GemmUse& use) {
@@ -174,68 +175,29 @@ struct CpuBackend {
     return at::mm(dg.t(), a);
   }
 
-  template <typename scalar_t>
-  static void cell_forward(const ForwardStep<scalar_t>& s) {
+  // Runs Cell on every element of a step (ForwardStep or BackwardStep): vectors of the
+  // opmath type for float32/float64, then the scalar tail (and half, bfloat16) one by one.
+  template <class Cell, template <class, typename, class, typename> class Element, typename scalar_t, class StepT>
+  static void run_pointwise(const StepT& s) {
     using acc_t = at::opmath_type<scalar_t>;
     using Vec = at::vec::Vectorized<acc_t>;
-    const int64_t H = s.hidden;
-    for_each_block(s.rows, H, [&](int64_t b, int64_t j0, int64_t j1) {
-      scalar_t* g = s.gates + b * 4 * H;
-      const scalar_t* c_prev = (b < s.n_carry ? s.c_carry : s.c0) + b * H;
-      scalar_t* c_out = s.c_out + b * H;
-      scalar_t* h_out = s.h_out + b * H;
+    for_each_block(s.rows, s.hidden, [&](int64_t b, int64_t j0, int64_t j1) {
       int64_t j = j0;
       if constexpr (kVectorized<scalar_t>) {
-        for (; j + Vec::size() <= j1; j += Vec::size()) cell_forward_at<Vec>(g, s.bias, c_prev, c_out, h_out, H, j);
+        for (; j + Vec::size() <= j1; j += Vec::size()) run_cell(Element<Cell, Vec, VecLane<acc_t>, scalar_t>{s, b, j});
       }
-      for (; j < j1; ++j) {
-        auto pre = [&](int64_t k) { return acc_t(g[k + j]) + acc_t(s.bias[k + j]); };
-        const auto r = lstm_ext::cell_forward<acc_t>(pre(0), pre(H), pre(2 * H), pre(3 * H), c_prev[j]);
-        g[j] = r.i;
-        g[H + j] = r.f;
-        g[2 * H + j] = r.g;
-        g[3 * H + j] = r.o;
-        c_out[j] = r.c;
-        h_out[j] = r.h;
-      }
+      for (; j < j1; ++j) run_cell(Element<Cell, acc_t, ScalarLane<acc_t, scalar_t>, scalar_t>{s, b, j});
     });
   }
 
-  template <typename scalar_t>
-  static void cell_backward(const BackwardStep<scalar_t>& s) {
-    using acc_t = at::opmath_type<scalar_t>;
-    using Vec = at::vec::Vectorized<acc_t>;
-    const int64_t H = s.hidden;
-    for_each_block(s.rows, H, [&](int64_t b, int64_t j0, int64_t j1) {
-      const scalar_t* g = s.gates + b * 4 * H;
-      const scalar_t* c_prev = (b < s.n_carry ? s.c_carry : s.c0) + b * H;
-      const scalar_t* c = s.c + b * H;
-      const scalar_t* dh = s.dh + b * H;
-      scalar_t* dc = s.dc + b * H;
-      scalar_t* dg = s.d_gates + b * 4 * H;
-      int64_t j = j0;
-      if constexpr (kVectorized<scalar_t>) {
-        for (; j + Vec::size() <= j1; j += Vec::size()) {
-          auto load = [&](const scalar_t* p) { return Vec::loadu(p + j); };
-          const auto r = lstm_ext::cell_backward<Vec>(load(g), load(g + H), load(g + 2 * H), load(g + 3 * H),
-                                                      load(c), load(c_prev), load(dh), load(dc));
-          r.d_i.store(dg + j);
-          r.d_f.store(dg + H + j);
-          r.d_g.store(dg + 2 * H + j);
-          r.d_o.store(dg + 3 * H + j);
-          r.dc_prev.store(dc + j);
-        }
-      }
-      for (; j < j1; ++j) {
-        const auto r = lstm_ext::cell_backward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], c[j],
-                                                      c_prev[j], dh[j], dc[j]);
-        dg[j] = r.d_i;
-        dg[H + j] = r.d_f;
-        dg[2 * H + j] = r.d_g;
-        dg[3 * H + j] = r.d_o;
-        dc[j] = r.dc_prev;
-      }
-    });
+  template <class Cell, typename scalar_t>
+  static void pointwise(const ForwardStep<scalar_t>& s) {
+    run_pointwise<Cell, ForwardElement, scalar_t>(s);
+  }
+
+  template <class Cell, typename scalar_t>
+  static void pointwise(const BackwardStep<scalar_t>& s) {
+    run_pointwise<Cell, BackwardElement, scalar_t>(s);
   }
 };
 
@@ -248,6 +210,9 @@ TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
   m.impl("lstm_forward", &lstm_forward<CpuBackend>);
   m.impl("lstm_inference", &lstm_inference<CpuBackend>);
   m.impl("lstm_backward", &lstm_backward<CpuBackend>);
+  m.impl("rnn_forward", &rnn_forward<CpuBackend>);
+  m.impl("rnn_inference", &rnn_inference<CpuBackend>);
+  m.impl("rnn_backward", &rnn_backward<CpuBackend>);
 }
 
 }  // namespace lstm_ext

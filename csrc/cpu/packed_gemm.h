@@ -13,7 +13,7 @@
 #include <array>
 #include <utility>
 
-#include "../lstm_layer.h"
+#include "../backend_api.h"
 
 namespace lstm_ext {
 

@@ -11,8 +11,8 @@
 
 #include <climits>
 
-#include "../cell_math.h"
-#include "../lstm_layer.h"
+#include "../cells.h"
+#include "../layer_ops.h"
 
 namespace lstm_ext {
 namespace {
@@ -23,44 +23,14 @@ inline int blocks_for(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535));
 }
 
-template <typename scalar_t>
-__global__ void cell_forward_kernel(ForwardStep<scalar_t> s) {
+// One thread per (row, hidden unit) element, grid-stride; the Cell's math in the opmath type.
+template <class Cell, template <class, typename, class, typename> class Element, typename scalar_t, class StepT>
+__global__ void pointwise_kernel(StepT s) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = s.hidden;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < s.rows * H;
        e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = e / H, j = e % H;
-    scalar_t* g = s.gates + b * 4 * H;
-    const scalar_t* c_prev = (b < s.n_carry ? s.c_carry : s.c0) + b * H;
-    const scalar_t* bias = s.bias;
-    auto pre = [&](int64_t k) { return acc_t(g[k]) + acc_t(bias[k]); };
-    const auto r = cell_forward<acc_t>(pre(j), pre(H + j), pre(2 * H + j), pre(3 * H + j), c_prev[j]);
-    g[j] = r.i;
-    g[H + j] = r.f;
-    g[2 * H + j] = r.g;
-    g[3 * H + j] = r.o;
-    s.c_out[e] = r.c;
-    s.h_out[e] = r.h;
-  }
-}
-
-template <typename scalar_t>
-__global__ void cell_backward_kernel(BackwardStep<scalar_t> s) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t H = s.hidden;
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < s.rows * H;
-       e += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = e / H, j = e % H;
-    const scalar_t* g = s.gates + b * 4 * H;
-    const scalar_t* c_prev = (b < s.n_carry ? s.c_carry : s.c0) + b * H;
-    scalar_t* dg = s.d_gates + b * 4 * H;
-    const auto r = cell_backward<acc_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], s.c[e], c_prev[j],
-                                        s.dh[e], s.dc[e]);
-    dg[j] = r.d_i;
-    dg[H + j] = r.d_f;
-    dg[2 * H + j] = r.d_g;
-    dg[3 * H + j] = r.d_o;
-    s.dc[e] = r.dc_prev;
+    run_cell(Element<Cell, acc_t, ScalarLane<acc_t, scalar_t>, scalar_t>{s, e / H, e % H});
   }
 }
 
@@ -105,6 +75,9 @@ inline int as_int(int64_t v) {
 }
 
 struct CudaBackend {
+  // Makes x's device current for the op.
+  using DeviceGuard = c10::cuda::CUDAGuard;
+
   template <typename scalar_t>
   static CudaWeight<scalar_t> prepare(const WeightOperand<scalar_t>& w, const GemmUse& /*use*/) {
     // getCurrentCUDABlasHandle binds the handle to the current stream (and sets its math
@@ -146,53 +119,33 @@ struct CudaBackend {
 
   static Tensor weight_grad(const Tensor& dg, const Tensor& a) { return at::mm(dg.t(), a); }
 
-  template <typename scalar_t>
-  static void cell_forward(const ForwardStep<scalar_t>& s) {
-    cell_forward_kernel<scalar_t><<<blocks_for(s.rows * s.hidden), kThreads, 0,
-                                    c10::cuda::getCurrentCUDAStream()>>>(s);
+  template <class Cell, template <class, typename, class, typename> class Element, typename scalar_t, class StepT>
+  static void launch_pointwise(const StepT& s) {
+    pointwise_kernel<Cell, Element, scalar_t>
+        <<<blocks_for(s.rows * s.hidden), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  template <typename scalar_t>
-  static void cell_backward(const BackwardStep<scalar_t>& s) {
-    cell_backward_kernel<scalar_t><<<blocks_for(s.rows * s.hidden), kThreads, 0,
-                                     c10::cuda::getCurrentCUDAStream()>>>(s);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  template <class Cell, typename scalar_t>
+  static void pointwise(const ForwardStep<scalar_t>& s) {
+    launch_pointwise<Cell, ForwardElement, scalar_t>(s);
+  }
+
+  template <class Cell, typename scalar_t>
+  static void pointwise(const BackwardStep<scalar_t>& s) {
+    launch_pointwise<Cell, BackwardElement, scalar_t>(s);
   }
 };
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward_cuda(
-    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
-    bool reverse) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return lstm_forward<CudaBackend>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
-}
-
-std::tuple<Tensor, Tensor, Tensor> lstm_inference_cuda(
-    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
-    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
-    bool reverse) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return lstm_inference<CudaBackend>(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward_cuda(
-    const OptTensor& grad_y, const OptTensor& grad_hn, const OptTensor& grad_cn, const Tensor& x,
-    const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& w_hr,
-    const OptTensor& batch_sizes, bool reverse, const Tensor& y, const Tensor& gates,
-    const Tensor& cells, const Tensor& hidden, std::array<bool, 3> output_mask) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return lstm_backward<CudaBackend>(grad_y, grad_hn, grad_cn, x, h0, c0, w_ih, w_hh, w_hr, batch_sizes,
-                                    reverse, y, gates, cells, hidden, output_mask);
-}
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lstm_ext, CUDA, m) {
-  m.impl("lstm_forward", &lstm_forward_cuda);
-  m.impl("lstm_inference", &lstm_inference_cuda);
-  m.impl("lstm_backward", &lstm_backward_cuda);
+  m.impl("lstm_forward", &lstm_forward<CudaBackend>);
+  m.impl("lstm_inference", &lstm_inference<CudaBackend>);
+  m.impl("lstm_backward", &lstm_backward<CudaBackend>);
+  m.impl("rnn_forward", &rnn_forward<CudaBackend>);
+  m.impl("rnn_inference", &rnn_inference<CudaBackend>);
+  m.impl("rnn_backward", &rnn_backward<CudaBackend>);
 }
 
 }  // namespace lstm_ext

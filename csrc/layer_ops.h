@@ -1,0 +1,242 @@
+// The ops' entry points, for any Backend: lstm_forward / lstm_inference / lstm_backward
+// and rnn_forward / rnn_inference / rnn_backward (GRU, RNN tanh and relu, by `mode`),
+// all on the one generic layer below.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <array>
+#include <string_view>
+#include <tuple>
+
+#include "cells.h"
+#include "layer_geometry.h"
+#include "time_loop.h"
+
+namespace lstm_ext {
+
+inline constexpr char kLstmOp[] = "lstm_ext.lstm_layer";
+inline constexpr char kRnnOp[] = "lstm_ext.rnn_layer";
+
+// A forward's outputs: y, h_n, c_n (empty without a cell state) and, for the backward,
+// what each step saved, the cell states and (with a projection) the unprojected h.
+struct ForwardResult {
+  Tensor y, h_n, c_n, saved, cells, hidden;
+};
+
+struct BackwardResult {
+  Tensor dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr;
+};
+
+// for_backward: also return what the backward needs (saved, cells, hidden); otherwise
+// those come back empty and the forward keeps only one step of them.
+template <class Backend, class Cell>
+ForwardResult layer_forward(const LayerArgs& in, bool for_backward, const char* op) {
+  const LayerDims d = check_layer_inputs(in, Cell::kGates, op);
+  const typename Backend::DeviceGuard guard(in.x.device());
+  const Tensor x = in.x.contiguous(), h0 = in.h0.contiguous();
+  const Tensor c0 = Cell::kCarriesCell ? in.c0->contiguous() : Tensor();
+  const Tensor w_ih = in.w_ih.contiguous(), w_hh = in.w_hh.contiguous();
+  const Tensor w_hr = d.projected ? in.w_hr->contiguous() : Tensor();
+  const Schedule sc = make_schedule(d, in.batch_sizes);
+  const auto opts = x.options();
+  const int64_t G = Cell::kGates * d.H, W = Cell::kSaved * d.H;
+  // Inference projects blocks of steps whose saved values take about 512 KiB, half an L2 here.
+  const int64_t step_bytes = std::max<int64_t>(1, d.N * W * x.element_size());
+  const int64_t block_steps = for_backward ? d.T : std::clamp<int64_t>((512 << 10) / step_bytes, 1, d.T);
+
+  // The cell kernels add the biases: broadcasting them into the pre-activations before
+  // the input projection cost a pass over all of them (5% of an LSTM forward at H=128).
+  auto bias_or_zeros = [&](const OptTensor& b) { return b ? b->contiguous() : at::zeros({G}, opts); };
+  Tensor bias, bias_hh;
+  if (Cell::kSeparateRecurrent) {
+    bias = bias_or_zeros(in.b_ih);
+    bias_hh = bias_or_zeros(in.b_hh);
+  } else {
+    bias = in.b_ih && in.b_hh ? *in.b_ih + *in.b_hh : bias_or_zeros(in.b_ih ? in.b_ih : in.b_hh);
+  }
+  Tensor saved = at::empty(for_backward ? seq_shape(d, W) : std::vector<int64_t>{block_steps * d.N, W}, opts);
+  Tensor recurrent = Cell::kSeparateRecurrent ? at::empty({d.N, G}, opts) : Tensor();
+  Tensor y = at::empty(seq_shape(d, d.P), opts);
+  const Tensor none = at::empty({0}, opts);
+  Tensor cells = !Cell::kCarriesCell ? none
+                 : for_backward      ? at::empty(seq_shape(d, d.H), opts)
+                                     : c0.clone(at::MemoryFormat::Contiguous);
+  Tensor hidden = !d.projected ? none : for_backward ? at::empty(seq_shape(d, d.H), opts) : at::empty({d.N, d.H}, opts);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_forward", [&] {
+    auto ptr = [](const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr; };
+    const ForwardData<scalar_t> data{ptr(x),    ptr(w_ih), ptr(w_hh), ptr(w_hr), ptr(bias),
+                                     ptr(bias_hh), ptr(h0), ptr(c0), ptr(y)};
+    const ForwardState<scalar_t> state{ptr(saved), ptr(recurrent), ptr(cells), ptr(hidden), for_backward, block_steps};
+    forward_time_loop<Backend, Cell, scalar_t>(d, sc, data, state);
+  });
+
+  const Tensor h_n = final_state(d, sc, y);
+  if (!for_backward) return {y, h_n, Cell::kCarriesCell ? cells : none, none, none, none};
+  return {y, h_n, Cell::kCarriesCell ? final_state(d, sc, cells) : none, saved, cells, hidden};
+}
+
+// output_mask: which of (dx, weight gradients, bias gradients) to compute; the others
+// come back empty. dh0 (and dc0) are always computed: they cost nothing extra.
+template <class Backend, class Cell>
+BackwardResult layer_backward(const OptTensor& grad_y, const OptTensor& grad_hn, const OptTensor& grad_cn,
+                              const LayerArgs& in, const Tensor& y_in, const Tensor& saved_in,
+                              const Tensor& cells_in, const Tensor& hidden_in, std::array<bool, 3> output_mask,
+                              const char* op) {
+  const LayerDims d = check_layer_inputs(in, Cell::kGates, op);
+  const typename Backend::DeviceGuard guard(in.x.device());
+  const Tensor x = in.x.contiguous(), h0 = in.h0.contiguous();
+  const Tensor c0 = Cell::kCarriesCell ? in.c0->contiguous() : Tensor();
+  const Tensor w_ih = in.w_ih.contiguous(), w_hh = in.w_hh.contiguous();
+  const Tensor w_hr = d.projected ? in.w_hr->contiguous() : Tensor();
+  const Tensor y = y_in.contiguous(), saved = saved_in.contiguous(), cells = cells_in.contiguous();
+  const Tensor hidden = hidden_in.contiguous();
+  const int64_t G = Cell::kGates * d.H;
+  check_shape(op, y, seq_shape(d, d.P), "y");
+  check_shape(op, saved, seq_shape(d, Cell::kSaved * d.H), Cell::kCarriesCell ? "gates" : "saved");
+  if (Cell::kCarriesCell) check_shape(op, cells, seq_shape(d, d.H), "cells");
+  if (d.projected) check_shape(op, hidden, seq_shape(d, d.H), "hidden");
+  const Schedule sc = make_schedule(d, in.batch_sizes);
+  const auto opts = x.options();
+
+  // dhy's row of h_t collects every gradient reaching h_t: from y, from h_n, and from step t+1.
+  Tensor dhy = grad_y ? grad_y->to(opts, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous)
+                      : at::zeros(seq_shape(d, d.P), opts);
+  check_shape(op, dhy, seq_shape(d, d.P), "grad_y");
+  if (grad_hn) {
+    check_shape(op, *grad_hn, {d.N, d.P}, "grad_h_n");
+    if (d.packed) {
+      dhy.index_add_(0, final_rows(d, sc, x.device()), grad_hn->to(opts));
+    } else {
+      dhy.select(0, d.reverse ? 0 : d.T - 1).add_(*grad_hn);
+    }
+  }
+  const Tensor none = at::empty({0}, opts);
+  Tensor dc = none;
+  if (Cell::kCarriesCell) {
+    dc = grad_cn ? grad_cn->to(opts, false, true, at::MemoryFormat::Contiguous) : at::zeros({d.N, d.H}, opts);
+    check_shape(op, dc, {d.N, d.H}, "grad_c_n");
+  }
+  Tensor d_input = at::empty(seq_shape(d, G), opts);
+  Tensor d_recurrent = Cell::kSeparateRecurrent ? at::empty(seq_shape(d, G), opts) : d_input;
+  Tensor dh0 = at::zeros({d.N, d.P}, opts);
+  Tensor dr = d.projected ? at::empty({d.N, d.H}, opts) : none;
+  Tensor dx = output_mask[0] ? at::empty(seq_shape(d, d.I), opts) : none;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_backward", [&] {
+    auto ptr = [](const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr; };
+    const BackwardData<scalar_t> data{ptr(saved), ptr(cells), ptr(y),       ptr(h0),  ptr(c0),
+                                      ptr(w_ih),  ptr(w_hh),  ptr(w_hr),    ptr(dhy), ptr(dc),
+                                      ptr(d_input), ptr(d_recurrent), ptr(dh0), ptr(dr), ptr(dx)};
+    backward_time_loop<Backend, Cell, scalar_t>(d, sc, data);
+  });
+
+  BackwardResult r{dx, dh0, Cell::kCarriesCell ? dc : none, none, none, none, none, none};
+  const Tensor d_input_2d = d_input.view({d.R, G}), d_recurrent_2d = d_recurrent.view({d.R, G});
+  if (output_mask[1]) {
+    r.dw_ih = Backend::weight_grad(d_input_2d, x.view({d.R, d.I}));
+    if (d.packed) {
+      r.dw_hh = Backend::weight_grad(d_recurrent_2d, packed_previous_hidden(d, sc, y, h0));
+    } else {
+      // Every step but the first reads h from y one step back (shifted views, no copy);
+      // the first reads h0.
+      const Tensor d_carry = d_recurrent.narrow(0, d.reverse ? 0 : 1, d.T - 1).reshape({(d.T - 1) * d.N, G});
+      const Tensor h_carry = y.narrow(0, d.reverse ? 1 : 0, d.T - 1).reshape({(d.T - 1) * d.N, d.P});
+      r.dw_hh = Backend::weight_grad(d_carry, h_carry);
+      r.dw_hh.addmm_(d_recurrent.select(0, d.reverse ? d.T - 1 : 0).t(), h0);
+    }
+    if (d.projected) r.dw_hr = Backend::weight_grad(dhy.view({d.R, d.P}), hidden.view({d.R, d.H}));
+  }
+  if (output_mask[2]) {
+    r.db_ih = d_input_2d.sum(0);
+    r.db_hh = Cell::kSeparateRecurrent ? d_recurrent_2d.sum(0) : r.db_ih;
+  }
+  return r;
+}
+
+// ---- LSTM ops ----
+
+template <class Backend>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
+    bool reverse) {
+  const auto r = layer_forward<Backend, LstmCell>({x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse},
+                                                  true, kLstmOp);
+  return {r.y, r.h_n, r.c_n, r.saved, r.cells, r.hidden};
+}
+
+template <class Backend>
+std::tuple<Tensor, Tensor, Tensor> lstm_inference(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh,
+    const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
+    bool reverse) {
+  const auto r = layer_forward<Backend, LstmCell>({x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, batch_sizes, reverse},
+                                                  false, kLstmOp);
+  return {r.y, r.h_n, r.c_n};
+}
+
+// db is the gradient of b_ih and of b_hh alike.
+template <class Backend>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
+    const OptTensor& grad_y, const OptTensor& grad_hn, const OptTensor& grad_cn, const Tensor& x,
+    const Tensor& h0, const Tensor& c0, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& w_hr,
+    const OptTensor& batch_sizes, bool reverse, const Tensor& y, const Tensor& gates, const Tensor& cells,
+    const Tensor& hidden, std::array<bool, 3> output_mask) {
+  const auto r = layer_backward<Backend, LstmCell>(
+      grad_y, grad_hn, grad_cn, {x, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt, w_hr, batch_sizes, reverse}, y,
+      gates, cells, hidden, output_mask, kLstmOp);
+  return {r.dx, r.dh0, r.dc0, r.dw_ih, r.dw_hh, r.db_ih, r.dw_hr};
+}
+
+// ---- GRU and RNN ops ----
+
+// fn(Cell{}) for the cell that torch's RNN `mode` names.
+template <class Fn>
+auto with_cell(c10::string_view mode, const Fn& fn) {
+  const std::string_view m(mode.data(), mode.size());
+  if (m == "GRU") return fn(GruCell{});
+  if (m == "RNN_TANH") return fn(RnnTanhCell{});
+  TORCH_CHECK(m == "RNN_RELU", kRnnOp, ": mode must be GRU, RNN_TANH or RNN_RELU, but got '", m, "'");
+  return fn(RnnReluCell{});
+}
+
+template <class Backend>
+std::tuple<Tensor, Tensor, Tensor> rnn_forward(const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+                                               const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                                               const OptTensor& batch_sizes, bool reverse, c10::string_view mode) {
+  const auto r = with_cell(mode, [&](auto cell) {
+    return layer_forward<Backend, decltype(cell)>(
+        {x, h0, std::nullopt, w_ih, w_hh, b_ih, b_hh, std::nullopt, batch_sizes, reverse}, true, kRnnOp);
+  });
+  return {r.y, r.h_n, r.saved};
+}
+
+template <class Backend>
+std::tuple<Tensor, Tensor> rnn_inference(const Tensor& x, const Tensor& h0, const Tensor& w_ih, const Tensor& w_hh,
+                                         const OptTensor& b_ih, const OptTensor& b_hh, const OptTensor& batch_sizes,
+                                         bool reverse, c10::string_view mode) {
+  const auto r = with_cell(mode, [&](auto cell) {
+    return layer_forward<Backend, decltype(cell)>(
+        {x, h0, std::nullopt, w_ih, w_hh, b_ih, b_hh, std::nullopt, batch_sizes, reverse}, false, kRnnOp);
+  });
+  return {r.y, r.h_n};
+}
+
+template <class Backend>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
+    const OptTensor& grad_y, const OptTensor& grad_hn, const Tensor& x, const Tensor& h0, const Tensor& w_ih,
+    const Tensor& w_hh, const OptTensor& batch_sizes, bool reverse, c10::string_view mode, const Tensor& y,
+    const Tensor& saved, std::array<bool, 3> output_mask) {
+  const auto r = with_cell(mode, [&](auto cell) {
+    return layer_backward<Backend, decltype(cell)>(
+        grad_y, grad_hn, std::nullopt,
+        {x, h0, std::nullopt, w_ih, w_hh, std::nullopt, std::nullopt, std::nullopt, batch_sizes, reverse}, y, saved,
+        Tensor(), Tensor(), output_mask, kRnnOp);
+  });
+  return {r.dx, r.dh0, r.dw_ih, r.dw_hh, r.db_ih, r.db_hh};
+}
+
+}  // namespace lstm_ext

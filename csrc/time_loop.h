@@ -1,0 +1,149 @@
+// A recurrent layer's time loop, written once for every cell and device.
+//
+// A layer is: one GEMM projecting the inputs of all T steps, then per step one
+// recurrent GEMM and one fused pointwise kernel running the Cell (cells.h); with a
+// projection (the LSTM's proj_size) one more GEMM per step. The backward mirrors it and
+// ends with large GEMMs over all steps for dx and the weight gradients. A Backend
+// (backend_api.h) supplies the GEMMs and the pointwise launch; the loop works on raw
+// pointers and allocates nothing.
+#pragma once
+
+#include <algorithm>
+
+#include "backend_api.h"
+#include "layer_geometry.h"
+
+namespace lstm_ext {
+
+// The inputs and output of a forward, as pointers. Nulls: w_hr without a projection,
+// c0 for cells without a cell state.
+template <typename scalar_t>
+struct ForwardData {
+  const scalar_t *x, *w_ih, *w_hh, *w_hr, *bias, *bias_hh, *h0, *c0;
+  scalar_t* y;
+};
+
+// Where a forward keeps its per-step state. For the backward (per_step): every step's
+// saved values, cells and, with a projection, unprojected h. For inference: the saved
+// values of a block of steps, reused from block to block, one step's h, and the running
+// cells, updated in place from c0; all stay small and hot in cache, and a forward
+// allocates far less.
+template <typename scalar_t>
+struct ForwardState {
+  scalar_t* saved;      // (T or block_steps, N, kSaved H)
+  scalar_t* recurrent;  // (N, kGates H) for cells that keep W_hh h apart, else null
+  scalar_t* cells;      // (T, N, H), or (N, H) holding c0 on entry and c_n on exit; null without a cell state
+  scalar_t* hidden;     // (T or 1, N, H), only with a projection
+  bool per_step;
+  int64_t block_steps;  // steps per input-projection GEMM: T when per_step
+};
+
+template <class Backend, class Cell, typename scalar_t>
+void forward_time_loop(const LayerDims& d, const Schedule& sc, const ForwardData<scalar_t>& p,
+                       const ForwardState<scalar_t>& st) {
+  const int64_t G = Cell::kGates * d.H, W = Cell::kSaved * d.H;
+  // The (rows, H) cells and hidden of the step at sequence row `row0`: inference keeps one.
+  auto state_at = [&](scalar_t* base, int64_t row0) { return base + (st.per_step ? row0 * d.H : 0); };
+  // The input projection runs once over all rows, or per block of steps for inference.
+  const int64_t projected_rows = std::min(st.block_steps * d.N, d.R);
+  const auto w_ih_t = Backend::prepare(WeightOperand<scalar_t>{p.w_ih, G, d.I, true},
+                                       {GemmRole::kInputProjection, d.T, projected_rows});
+  const auto w_hh_t = Backend::prepare(WeightOperand<scalar_t>{p.w_hh, G, d.P, true}, {GemmRole::kRecurrent, d.T, d.N});
+  // Without a projection w_hr is null: its operand is left empty, and unused.
+  const auto w_hr_t = Backend::prepare(WeightOperand<scalar_t>{p.w_hr, d.projected ? d.P : 0, d.H, true},
+                                       {GemmRole::kProjection, d.T, d.N});
+  // W_hh h is added to the saved input pre-activations, or kept apart.
+  const int64_t ld_recurrent = Cell::kSeparateRecurrent ? G : W;
+  const float beta_recurrent = Cell::kSeparateRecurrent ? 0 : 1;
+  for (int64_t s0 = 0; s0 < d.T; s0 += st.block_steps) {
+    // One GEMM projects the inputs of the block's steps, times [t_lo, t_lo + n), which
+    // are sequence rows [row_lo, row_hi).
+    const int64_t n = std::min(st.block_steps, d.T - s0);
+    const int64_t t_lo = d.reverse ? d.T - s0 - n : s0;
+    const int64_t row_lo = sc.offset[t_lo], row_hi = sc.offset[t_lo + n];
+    scalar_t* saved_block = st.saved + (st.per_step ? row_lo * W : 0);
+    Backend::gemm(row_hi - row_lo, p.x + row_lo * d.I, d.I, w_ih_t, 0, saved_block, W);
+    for (int64_t k = s0; k < s0 + n; ++k) {
+      const Step& s = sc.steps[k];
+      if (s.rows == 0) continue;
+      scalar_t* saved = saved_block + (s.row0 - row_lo) * W;
+      scalar_t* recurrent = Cell::kSeparateRecurrent ? st.recurrent : saved;
+      if (s.n_carry > 0) {
+        Backend::gemm(s.n_carry, p.y + s.prev_row0 * d.P, d.P, w_hh_t, beta_recurrent, recurrent, ld_recurrent);
+      }
+      if (s.rows > s.n_carry) {
+        Backend::gemm(s.rows - s.n_carry, p.h0 + s.n_carry * d.P, d.P, w_hh_t, beta_recurrent,
+                      recurrent + s.n_carry * ld_recurrent, ld_recurrent);
+      }
+      scalar_t* y_t = p.y + s.row0 * d.P;
+      scalar_t* h_t = d.projected ? state_at(st.hidden, s.row0) : y_t;
+      ForwardStep<scalar_t> step{saved, Cell::kSeparateRecurrent ? st.recurrent : nullptr, p.bias, p.bias_hh,
+                                 s.n_carry > 0 ? p.y + s.prev_row0 * d.P : nullptr, p.h0,
+                                 nullptr, nullptr, nullptr, h_t, s.rows, s.n_carry, d.H};
+      if constexpr (Cell::kCarriesCell) {
+        // In place for inference: every element reads its own previous cell before writing it.
+        step.c_carry = s.n_carry > 0 ? state_at(st.cells, s.prev_row0) : nullptr;
+        step.c0 = st.per_step ? p.c0 : st.cells;
+        step.c_out = state_at(st.cells, s.row0);
+      }
+      Backend::template pointwise<Cell>(step);
+      if (d.projected) {
+        Backend::gemm(s.rows, h_t, d.H, w_hr_t, 0, y_t, d.P);
+      }
+    }
+  }
+}
+
+// The backward's inputs and outputs, as pointers. dhy (the gradient of y, with h_n's
+// added) collects every gradient reaching h_t and is overwritten; dh0 starts at zero.
+template <typename scalar_t>
+struct BackwardData {
+  const scalar_t *saved, *cells, *y, *h0, *c0, *w_ih, *w_hh, *w_hr;
+  scalar_t *dhy, *dc, *d_input, *d_recurrent, *dh0, *dr, *dx;
+};
+
+template <class Backend, class Cell, typename scalar_t>
+void backward_time_loop(const LayerDims& d, const Schedule& sc, const BackwardData<scalar_t>& p) {
+  const int64_t G = Cell::kGates * d.H, W = Cell::kSaved * d.H;
+  const auto w_hh_n =
+      Backend::prepare(WeightOperand<scalar_t>{p.w_hh, G, d.P, false}, {GemmRole::kRecurrentGrad, d.T, d.N});
+  const auto w_hr_n = Backend::prepare(WeightOperand<scalar_t>{p.w_hr, d.projected ? d.P : 0, d.H, false},
+                                       {GemmRole::kProjectionGrad, d.T, d.N});
+  for (auto it = sc.steps.rbegin(); it != sc.steps.rend(); ++it) {
+    const Step& s = *it;
+    if (s.rows == 0) continue;
+    const scalar_t* dh = p.dhy + s.row0 * d.P;
+    if (d.projected) {
+      Backend::gemm(s.rows, dh, d.P, w_hr_n, 0, p.dr, d.H);
+      dh = p.dr;
+    }
+    scalar_t* d_input = p.d_input + s.row0 * G;
+    scalar_t* d_recurrent = Cell::kSeparateRecurrent ? p.d_recurrent + s.row0 * G : d_input;
+    scalar_t* dh_carry = s.n_carry > 0 ? p.dhy + s.prev_row0 * d.P : nullptr;
+    BackwardStep<scalar_t> step{p.saved + s.row0 * W, nullptr, nullptr, nullptr,
+                                s.n_carry > 0 ? p.y + s.prev_row0 * d.P : nullptr, p.h0, dh, p.dc, d_input,
+                                Cell::kSeparateRecurrent ? d_recurrent : nullptr, dh_carry, p.dh0,
+                                s.rows, s.n_carry, d.H};
+    if constexpr (Cell::kCarriesCell) {
+      step.c = p.cells + s.row0 * d.H;
+      step.c_carry = s.n_carry > 0 ? p.cells + s.prev_row0 * d.H : nullptr;
+      step.c0 = p.c0;
+    }
+    Backend::template pointwise<Cell>(step);
+    // The gradient of h_prev adds onto what is there: the output gradient (and, for
+    // some cells, what the pointwise kernel added); dh0 starts at zero.
+    if (s.n_carry > 0) {
+      Backend::gemm(s.n_carry, d_recurrent, G, w_hh_n, 1, dh_carry, d.P);
+    }
+    if (s.rows > s.n_carry) {
+      Backend::gemm(s.rows - s.n_carry, d_recurrent + s.n_carry * G, G, w_hh_n, 1, p.dh0 + s.n_carry * d.P, d.P);
+    }
+  }
+  if (p.dx != nullptr) {
+    const auto w_ih_n =
+        Backend::prepare(WeightOperand<scalar_t>{p.w_ih, G, d.I, false}, {GemmRole::kInputGrad, d.T, d.R});
+    Backend::gemm(d.R, p.d_input, G, w_ih_n, 0, p.dx, d.I);
+  }
+}
+
+}  // namespace lstm_ext
