@@ -1,4 +1,5 @@
-"""Swap ``torch.nn.LSTM``/``nn.LSTMCell`` for the fused modules inside a model, and back."""
+"""Swap ``torch.nn.LSTM``/``GRU``/``RNN`` and their cells for the fused modules inside a
+model, and back."""
 from __future__ import annotations
 
 import warnings
@@ -6,47 +7,52 @@ from typing import TypeVar
 
 from torch import nn
 
-from .modules import LSTM, LSTMCell
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 M = TypeVar("M", bound=nn.Module)
 
 # Constructor arguments read from the module being replaced (device/dtype come
 # with the shared Parameters).
+_STACK = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+          "bidirectional")
 _CONFIG = {
-    "LSTM": (
-        "input_size",
-        "hidden_size",
-        "num_layers",
-        "bias",
-        "batch_first",
-        "dropout",
-        "bidirectional",
-        "proj_size",
-    ),
+    "LSTM": _STACK + ("proj_size",),
+    "GRU": _STACK,
+    "RNN": _STACK + ("nonlinearity",),
     "LSTMCell": ("input_size", "hidden_size", "bias"),
+    "GRUCell": ("input_size", "hidden_size", "bias"),
+    "RNNCell": ("input_size", "hidden_size", "bias", "nonlinearity"),
 }
-_TO_EXT: dict[type[nn.Module], type[nn.Module]] = {nn.LSTM: LSTM, nn.LSTMCell: LSTMCell}
+_TO_EXT: dict[type[nn.Module], type[nn.Module]] = {
+    nn.LSTM: LSTM,
+    nn.GRU: GRU,
+    nn.RNN: RNN,
+    nn.LSTMCell: LSTMCell,
+    nn.GRUCell: GRUCell,
+    nn.RNNCell: RNNCell,
+}
 _TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in _TO_EXT.items()}
 
 
 def convert(model: M) -> M:
-    """Replace every ``nn.LSTM`` and ``nn.LSTMCell`` in ``model`` by :class:`lstm_ext.LSTM`
-    and :class:`lstm_ext.LSTMCell`, in place.
+    """Replace every ``nn.LSTM``, ``nn.GRU``, ``nn.RNN``, ``nn.LSTMCell``, ``nn.GRUCell`` and
+    ``nn.RNNCell`` in ``model`` by its :mod:`lstm_ext` twin (:class:`lstm_ext.LSTM`, ...),
+    in place. Other modules are left alone.
 
     The new modules share the old ones' Parameter objects (so device, dtype, values and
     any optimizer referring to them are kept) and their training mode. A module reached
     through several paths is replaced by one shared new module.
 
     Args:
-        model: any module; if it is itself an ``nn.LSTM``/``nn.LSTMCell`` it cannot be
+        model: any module; if it is itself one of the modules above it cannot be
             replaced in place, so use the returned module.
 
     Returns:
         ``model``, or its replacement when ``model`` itself was converted.
 
     Raises:
-        TypeError: a module is a *subclass* of ``nn.LSTM``/``nn.LSTMCell`` (it may
-            override ``forward``, so swapping it would silently change behaviour).
+        TypeError: a module is a *subclass* of one of them (it may override
+            ``forward``, so swapping it would silently change behaviour).
         ValueError: a module to convert carries hooks, extra parameters, buffers or
             submodules, which the replacement would silently drop.
     """
@@ -54,8 +60,9 @@ def convert(model: M) -> M:
 
 
 def to_torch(model: M) -> M:
-    """The inverse of :func:`convert`: replace :class:`lstm_ext.LSTM`/:class:`lstm_ext.LSTMCell`
-    by ``nn.LSTM``/``nn.LSTMCell``, in place, sharing Parameters. Same rules and errors."""
+    """The inverse of :func:`convert`: replace :class:`lstm_ext.LSTM`, ``GRU``, ``RNN``,
+    ``LSTMCell``, ``GRUCell`` and ``RNNCell`` by their ``torch.nn`` originals, in place,
+    sharing Parameters. Same rules and errors."""
     return _swap(model, _TO_TORCH)
 
 
@@ -106,6 +113,9 @@ def _rebuild(old: nn.Module, new_type: type[nn.Module], path: str) -> nn.Module:
         raise ValueError(f"module '{path}' has buffers or submodules that "
                          f"{new_type.__name__} would not keep")
     config = {name: getattr(old, name) for name in _CONFIG[new_type.__name__]}
+    if "nonlinearity" in config and hasattr(old, "mode"):
+        # nn.RNN runs the mode fixed at construction, whatever nonlinearity says now.
+        config["nonlinearity"] = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}[old.mode]
     # On "meta" nothing is allocated or drawn from the RNG: every Parameter is replaced.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nn.LSTM already warned about dropout at creation

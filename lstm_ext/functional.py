@@ -1,4 +1,4 @@
-"""Functional interface to the fused LSTM kernels."""
+"""Functional interface to the fused recurrent kernels (LSTM, GRU, Elman RNN)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,7 +8,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from . import ops  # noqa: F401  (registers fakes and autograd for torch.ops.lstm_ext)
-from .reference import lstm_layer_reference
+from .reference import RNN_MODES, lstm_layer_reference, rnn_layer_reference
 
 
 def _needs_reference(tensors: tuple[Optional[Tensor], ...]) -> bool:
@@ -84,3 +84,65 @@ def lstm_cell(
     """One LSTM step for a batch: x (N, I), h and c (N, H). Returns (h', c')."""
     _, (h_n, c_n) = lstm_layer(x.unsqueeze(0), hx, w_ih, w_hh, b_ih, b_hh)
     return h_n, c_n
+
+
+def rnn_layer(
+    x: Tensor,
+    h0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    *,
+    mode: str,
+    reverse: bool = False,
+    batch_sizes: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Run one single-direction Elman RNN or GRU layer over a whole sequence.
+
+    Args:
+        x: input of shape (T, N, I), time first; with ``batch_sizes``, PackedSequence.data
+            of shape (sum(batch_sizes), I).
+        h0: initial state (N, H).
+        w_ih, w_hh: (G*H, I) and (G*H, H); G = 3 for "GRU" (gates stacked in nn.GRU's
+            order r, z, n), G = 1 for "RNN_TANH"/"RNN_RELU".
+        b_ih, b_hh: optional biases of shape (G*H).
+        mode: "RNN_TANH", "RNN_RELU" or "GRU", with nn.RNN's/nn.GRU's equations.
+        reverse: process the sequence from t = T-1 down to 0.
+        batch_sizes: optional int64 CPU tensor (T,), non-increasing, as in
+            ``PackedSequence``: step t takes the next ``batch_sizes[t]`` rows of x, which
+            update the first ``batch_sizes[t]`` of the N = batch_sizes[0] batch entries;
+            the others keep their state.
+
+    Returns:
+        ``y`` (T, N, H), or (sum(batch_sizes), H) laid out as x, and ``h_n`` (N, H), each
+        batch entry's state after its last step.
+
+    Raises:
+        ValueError: ``mode`` is not one of the three above.
+    """
+    if mode not in RNN_MODES:
+        raise ValueError(f"Unknown RNN mode {mode!r}: expected one of {', '.join(RNN_MODES)}")
+    # Plain PyTorch for now; the fused ops (torch.ops.lstm_ext.rnn_forward/rnn_inference)
+    # replace this call, dispatched like lstm_layer's.
+    return rnn_layer_reference(
+        x, h0, w_ih, w_hh, b_ih, b_hh, mode=mode, reverse=reverse, batch_sizes=batch_sizes
+    )
+
+
+def rnn_cell(
+    x: Tensor,
+    h: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Optional[Tensor] = None,
+    b_hh: Optional[Tensor] = None,
+    *,
+    mode: str,
+) -> Tensor:
+    """One Elman RNN or GRU step for a batch: x (N, I), h (N, H). Returns h' (N, H).
+
+    ``mode`` and the weights as in :func:`rnn_layer`.
+    """
+    _, h_n = rnn_layer(x.unsqueeze(0), h, w_ih, w_hh, b_ih, b_hh, mode=mode)
+    return h_n

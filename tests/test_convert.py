@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from lstm_ext.convert import convert, to_torch
-from lstm_ext.modules import LSTM, LSTMCell
+from lstm_ext.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 
 class Decoder(nn.Module):
@@ -116,7 +116,8 @@ def test_shared_module_stays_shared():
 
 
 def test_already_converted_and_unrelated_modules_are_left_alone():
-    model = nn.Sequential(LSTM(3, 3), nn.GRU(3, 3), nn.Linear(3, 3))
+    # (nn.GRU used to stand for "unrelated" here; it is converted now, see test_modules_rnn.)
+    model = nn.Sequential(LSTM(3, 3), GRU(3, 3), nn.Conv1d(3, 3, 1), nn.Linear(3, 3))
     before = list(model)
     convert(model)
     assert all(a is b for a, b in zip(before, model))
@@ -169,3 +170,89 @@ def test_convert_keeps_device():
     assert y_ext.is_cuda
     for got, want in ((y_ext, y), (h_ext, h), (c_ext, c)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- GRU, RNN and cells
+
+_NEW_KINDS = {
+    "GRU": (lambda: nn.GRU(3, 4, num_layers=2, bidirectional=True, dropout=0.5), (5, 2, 3), GRU),
+    "GRU_batch_first_nobias": (lambda: nn.GRU(3, 4, bias=False, batch_first=True), (2, 5, 3), GRU),
+    "RNN_relu": (lambda: nn.RNN(3, 4, 2, "relu", batch_first=True), (2, 5, 3), RNN),
+    "RNN_tanh": (lambda: nn.RNN(3, 4, bidirectional=True), (5, 2, 3), RNN),
+    "GRUCell": (lambda: nn.GRUCell(3, 4), (2, 3), GRUCell),
+    "RNNCell_relu": (lambda: nn.RNNCell(3, 4, bias=False, nonlinearity="relu"), (2, 3), RNNCell),
+}
+
+
+@pytest.mark.parametrize("make,input_shape,ext_type", list(_NEW_KINDS.values()), ids=list(_NEW_KINDS))
+def test_convert_gru_rnn_and_cells_and_back(make, input_shape, ext_type):
+    torch.manual_seed(0)
+    module = make().double().eval()
+    params = dict(module.named_parameters())
+    x = torch.randn(input_shape, dtype=torch.float64)
+    expected = module(x)
+    converted = convert(module)
+    assert type(converted) is ext_type
+    assert repr(converted) == repr(module) and not converted.training
+    assert getattr(converted, "nonlinearity", None) == getattr(module, "nonlinearity", None)
+    assert all(p is params[n] for n, p in converted.named_parameters())
+    assert list(dict(converted.named_parameters())) == list(params)
+    for got, want in zip(converted(x), expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    back = to_torch(converted)
+    assert type(back) is type(module) and repr(back) == repr(module)
+    assert getattr(back, "mode", None) == getattr(module, "mode", None)
+    assert all(p is params[n] for n, p in back.named_parameters())
+    for got, want in zip(back(x), expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_convert_all_kinds_in_one_model():
+    model = nn.ModuleDict({
+        "lstm": nn.LSTM(3, 3), "gru": nn.GRU(3, 3), "rnn": nn.RNN(3, 3, nonlinearity="relu"),
+        "cells": nn.ModuleList([nn.LSTMCell(3, 3), nn.GRUCell(3, 3), nn.RNNCell(3, 3)]),
+        "other": nn.Linear(3, 3),
+    })
+    other = model["other"]
+    convert(model)
+    assert [type(model[k]) for k in ("lstm", "gru", "rnn")] == [LSTM, GRU, RNN]
+    assert [type(m) for m in model["cells"]] == [LSTMCell, GRUCell, RNNCell]
+    assert model["other"] is other and model["rnn"].mode == "RNN_RELU"
+    to_torch(model)
+    assert [type(model[k]) for k in ("lstm", "gru", "rnn")] == [nn.LSTM, nn.GRU, nn.RNN]
+    assert [type(m) for m in model["cells"]] == [nn.LSTMCell, nn.GRUCell, nn.RNNCell]
+    assert model["rnn"].mode == "RNN_RELU" and model["rnn"].nonlinearity == "relu"
+
+
+def test_convert_keeps_the_mode_nn_rnn_runs():
+    # nn.RNN runs the mode it was built with, whatever its nonlinearity says later.
+    rnn = nn.RNN(3, 4, nonlinearity="relu").double()
+    rnn.nonlinearity = "tanh"
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    converted = convert(rnn)
+    assert converted.mode == "RNN_RELU"
+    torch.testing.assert_close(converted(x)[0], rnn(x)[0], rtol=1e-10, atol=1e-12)
+
+
+class MyGRU(nn.GRU):
+    pass
+
+
+class MyRNNCell(RNNCell):
+    pass
+
+
+def test_subclasses_of_the_new_kinds_are_refused():
+    with pytest.raises(TypeError, match=r"'0' is a MyGRU, a subclass of torch.nn.*GRU"):
+        convert(nn.Sequential(MyGRU(3, 3)))
+    with pytest.raises(TypeError, match=r"'0' is a MyRNNCell, a subclass of lstm_ext.modules.RNNCell"):
+        to_torch(nn.Sequential(MyRNNCell(3, 3)))
+
+
+@pytest.mark.parametrize("make", [lambda: nn.GRUCell(3, 3), lambda: nn.RNN(3, 3)], ids=["GRUCell", "RNN"])
+def test_hooks_on_the_new_kinds_are_refused(make):
+    model = nn.Sequential(make())
+    model[0].register_forward_pre_hook(lambda *args: None)
+    with pytest.raises(ValueError, match=r"'0' has hooks registered \(_forward_pre_hooks"):
+        convert(model)
+    assert type(model[0]) is type(make())
