@@ -151,7 +151,8 @@ BackwardResult layer_backward(const OptTensor& grad_y, const OptTensor& grad_hn,
   }
   if (output_mask[2]) {
     r.db_ih = d_input_2d.sum(0);
-    r.db_hh = Cell::kSeparateRecurrent ? d_recurrent_2d.sum(0) : r.db_ih;
+    // Outputs of an op may not alias: the copy costs G elements.
+    r.db_hh = Cell::kSeparateRecurrent ? d_recurrent_2d.sum(0) : r.db_ih.clone();
   }
   return r;
 }

@@ -29,6 +29,15 @@ def _needs_reference(tensors: tuple[Optional[Tensor], ...]) -> bool:
     )
 
 
+def _run_op(forward, inference, args: tuple, n_inputs: int, n_outputs: int) -> tuple[Tensor, ...]:
+    """A fused layer op's outputs: through ``forward`` (which records for autograd) when
+    one of the first ``n_inputs`` arguments needs a gradient, else through ``inference``,
+    which skips saving every step's state for a backward."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:n_inputs]):
+        return forward(*args)[:n_outputs]
+    return inference(*args)[:n_outputs]
+
+
 def lstm_layer(
     x: Tensor,
     hx: tuple[Tensor, Tensor],
@@ -66,10 +75,7 @@ def lstm_layer(
     if w_hh.shape[0] == 0 or _needs_reference(args[:8]):
         y, h_n, c_n = lstm_layer_reference(*args[:8], reverse=reverse, batch_sizes=batch_sizes)
         return y, (h_n, c_n)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:8]):
-        y, h_n, c_n, _, _, _ = torch.ops.lstm_ext.lstm_forward(*args)
-    else:  # nothing to differentiate: skip saving every step's gates and cells
-        y, h_n, c_n = torch.ops.lstm_ext.lstm_inference(*args)
+    y, h_n, c_n = _run_op(torch.ops.lstm_ext.lstm_forward, torch.ops.lstm_ext.lstm_inference, args, 8, 3)
     return y, (h_n, c_n)
 
 
@@ -98,7 +104,7 @@ def rnn_layer(
     reverse: bool = False,
     batch_sizes: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Run one single-direction Elman RNN or GRU layer over a whole sequence.
+    """Run one single-direction Elman RNN or GRU layer over a whole sequence in one fused call.
 
     Args:
         x: input of shape (T, N, I), time first; with ``batch_sizes``, PackedSequence.data
@@ -123,11 +129,12 @@ def rnn_layer(
     """
     if mode not in RNN_MODES:
         raise ValueError(f"Unknown RNN mode {mode!r}: expected one of {', '.join(RNN_MODES)}")
-    # Plain PyTorch for now; the fused ops (torch.ops.lstm_ext.rnn_forward/rnn_inference)
-    # replace this call, dispatched like lstm_layer's.
-    return rnn_layer_reference(
-        x, h0, w_ih, w_hh, b_ih, b_hh, mode=mode, reverse=reverse, batch_sizes=batch_sizes
-    )
+    args = (x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, mode)
+    # hidden_size 0 (legal for nn.RNNCell, nn.GRUCell) has nothing for the kernels to compute.
+    if w_hh.shape[0] == 0 or _needs_reference(args[:6]):
+        return rnn_layer_reference(*args[:6], mode=mode, reverse=reverse, batch_sizes=batch_sizes)
+    y, h_n = _run_op(torch.ops.lstm_ext.rnn_forward, torch.ops.lstm_ext.rnn_inference, args, 6, 2)
+    return y, h_n
 
 
 def rnn_cell(

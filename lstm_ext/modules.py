@@ -71,6 +71,9 @@ class RNNBase(nn.Module):
     _input_dims_message = "RNN: Expected input to be 2D or 3D, got {dim}D instead"
     # Exception for an input of the wrong dtype in a PackedSequence.
     _packed_dtype_error: type[Exception] = ValueError
+    # Whether torch's packed form runs under CPU autocast (nn.RNN's matmuls do; aten::lstm.data
+    # and aten::gru.data keep the parameters' dtype).
+    _packed_cpu_autocast = False
 
     def __init__(
         self,
@@ -346,10 +349,8 @@ class RNNBase(nn.Module):
             state = self._packed_state(hx, data, batch, sorted_indices)
 
         # The kernels take PackedSequence.data as it is: no padding to (T, N, I) and back.
-        # CPU autocast has no rule for the packed forms (aten::lstm.data, ...), which
-        # therefore run in the parameters' dtype; so does this.
-        cpu_autocast = data.device.type == "cpu" and _autocasting(data)
-        with torch.autocast("cpu", enabled=False) if cpu_autocast else contextlib.nullcontext():
+        no_autocast = data.device.type == "cpu" and _autocasting(data) and not self._packed_cpu_autocast
+        with torch.autocast("cpu", enabled=False) if no_autocast else contextlib.nullcontext():
             y, state = self._run_layers(data, state, batch_sizes)
         out = PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices)
         if unsorted_indices is not None:
@@ -604,6 +605,7 @@ class RNN(_SingleStateRNN):
     """
 
     _input_dims_message = "RNN: Expected input to be 2D or 3D, got {dim}D tensor instead"
+    _packed_cpu_autocast = True
 
     @overload
     def __init__(

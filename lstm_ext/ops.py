@@ -1,24 +1,33 @@
 """Registers fake (meta) kernels and autograd for the compiled ``torch.ops.lstm_ext`` ops.
 
-``lstm_forward`` runs a whole layer; its backward is the ``lstm_backward`` op. When a
-backward is itself recorded for differentiation (``create_graph=True``), gradients are
-instead taken through the plain-PyTorch reference layer, so second derivatives are exact.
-``lstm_inference`` is the same layer without autograd, for calls that need no gradient.
+``lstm_forward`` runs a whole LSTM layer and ``rnn_forward`` a GRU or RNN layer (by
+torch's mode string); their backwards are the ``lstm_backward`` and ``rnn_backward`` ops.
+When a backward is itself recorded for differentiation (``create_graph=True``),
+gradients are instead taken through the plain-PyTorch reference layer, so second
+derivatives are exact. ``lstm_inference`` and ``rnn_inference`` are the same layers
+without autograd, for calls that need no gradient.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import _loader
-from .reference import lstm_layer_reference
+from .reference import lstm_layer_reference, rnn_layer_reference
 
 _loader.load()
 
 
-def _check_devices(x: Tensor, others: dict[str, Optional[Tensor]], batch_sizes: Optional[Tensor]) -> None:
+# H-wide blocks that rnn_forward saves per row, by mode (csrc/cells.h: kSaved).
+_RNN_SAVED = {"GRU": 4, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def _check_devices(
+    x: Tensor, others: dict[str, Optional[Tensor]], batch_sizes: Optional[Tensor],
+    op: str = "lstm_ext.lstm_layer",
+) -> None:
     """The compiled kernels' device checks, for the fake kernels.
 
     A tensor on ``meta`` among real ones sends the call to the fake kernel, which must
@@ -26,12 +35,10 @@ def _check_devices(x: Tensor, others: dict[str, Optional[Tensor]], batch_sizes: 
     """
     for name, t in others.items():
         if t is not None and t.device != x.device:
-            raise RuntimeError(
-                f"lstm_ext.lstm_layer: expected {name} on {x.device} like x, but got {t.device}"
-            )
+            raise RuntimeError(f"{op}: expected {name} on {x.device} like x, but got {t.device}")
     if batch_sizes is not None and batch_sizes.device.type != "cpu":
         raise RuntimeError(
-            "lstm_ext.lstm_layer: expected batch_sizes as a 1-D int64 CPU tensor, "
+            f"{op}: expected batch_sizes as a 1-D int64 CPU tensor, "
             f"but got a tensor on {batch_sizes.device}"
         )
 
@@ -110,10 +117,13 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_saved_grads):
     )
     need = ctx.needs_input_grad
     if torch.is_grad_enabled():
-        return _differentiable_backward(
-            (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), need, batch_sizes, ctx.reverse,
-            (grad_y, grad_h_n, grad_c_n),
+        def layer(*inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            return lstm_layer_reference(*inputs, reverse=ctx.reverse, batch_sizes=batch_sizes)
+
+        grads = _differentiable_backward(
+            layer, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), need, (grad_y, grad_h_n, grad_c_n)
         )
+        return (*grads, None, None)
     want_dw = need[3] or need[4] or need[7]
     want_db = need[5] or need[6]
     dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = torch.ops.lstm_ext.lstm_backward(
@@ -124,10 +134,13 @@ def _backward(ctx, grad_y, grad_h_n, grad_c_n, *_saved_grads):
     return (*(g if n else None for g, n in zip(grads, need)), None, None)
 
 
-def _differentiable_backward(inputs, need, batch_sizes, reverse, grad_outputs):
-    """Backward through the reference layer, recorded so it can be differentiated again."""
+def _differentiable_backward(
+    layer: Callable[..., Sequence[Tensor]], inputs: tuple, need: Sequence[bool], grad_outputs: tuple
+) -> list[Optional[Tensor]]:
+    """Gradients of ``layer(*inputs)`` (a reference layer) for the inputs in ``need``,
+    recorded so that they can be differentiated again."""
     with torch.enable_grad():
-        outputs = lstm_layer_reference(*inputs, reverse=reverse, batch_sizes=batch_sizes)
+        outputs = layer(*inputs)
     wrt = [t for t, n in zip(inputs, need) if n]
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
     grads = iter(
@@ -136,14 +149,74 @@ def _differentiable_backward(inputs, need, batch_sizes, reverse, grad_outputs):
             create_graph=True, allow_unused=True,
         )
     )
-    result = [next(grads) if n else None for n in need[:8]]
+    result = [next(grads) if n else None for n in need[: len(inputs)]]
     # Inputs the recomputed graph does not reach (e.g. h0 with batch_sizes of zero) get zeros.
-    result = [
-        torch.zeros_like(t) if n and r is None else r for t, n, r in zip(inputs, need, result)
-    ]
-    return (*result, None, None)
+    return [torch.zeros_like(t) if n and r is None else r for t, n, r in zip(inputs, need, result)]
 
 
 torch.library.register_autograd(
     "lstm_ext::lstm_forward", _backward, setup_context=_setup_context
+)
+
+
+@torch.library.register_fake("lstm_ext::rnn_forward")
+def _rnn_forward_fake(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, mode):
+    y, h_n = _rnn_inference_fake(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, mode)
+    return y, h_n, x.new_empty(*x.shape[:-1], _RNN_SAVED[mode] * h0.shape[1])
+
+
+@torch.library.register_fake("lstm_ext::rnn_inference")
+def _rnn_inference_fake(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, mode):
+    if mode not in _RNN_SAVED:
+        raise RuntimeError(f"lstm_ext.rnn_layer: mode must be GRU, RNN_TANH or RNN_RELU, but got '{mode}'")
+    _check_devices(
+        x, dict(h0=h0, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh), batch_sizes, "lstm_ext.rnn_layer"
+    )
+    return x.new_empty(*x.shape[:-1], h0.shape[1]), x.new_empty(h0.shape)
+
+
+@torch.library.register_fake("lstm_ext::rnn_backward")
+def _rnn_backward_fake(grad_y, grad_h_n, x, h0, w_ih, w_hh, batch_sizes, reverse, mode, y, saved, output_mask):
+    _check_devices(
+        x, dict(grad_y=grad_y, grad_h_n=grad_h_n, h0=h0, w_ih=w_ih, w_hh=w_hh, y=y, saved=saved),
+        batch_sizes, "lstm_ext.rnn_layer",
+    )
+    want_dx, want_dw, want_db = output_mask
+
+    def maybe(mask: bool, like: Tensor) -> Tensor:
+        return torch.empty_like(like) if mask else x.new_empty(0)
+
+    gates = w_hh.shape[0]
+    return (
+        maybe(want_dx, x), torch.empty_like(h0), maybe(want_dw, w_ih), maybe(want_dw, w_hh),
+        x.new_empty(gates) if want_db else x.new_empty(0), x.new_empty(gates) if want_db else x.new_empty(0),
+    )
+
+
+def _rnn_setup_context(ctx, inputs, output) -> None:
+    x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, reverse, mode = inputs
+    y, _, saved = output
+    ctx.set_materialize_grads(False)
+    ctx.reverse, ctx.mode = reverse, mode
+    ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, y, saved)
+
+
+def _rnn_backward(ctx, grad_y, grad_h_n, *_saved_grad):
+    x, h0, w_ih, w_hh, b_ih, b_hh, batch_sizes, y, saved = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if torch.is_grad_enabled():
+        def layer(*inputs: Tensor) -> tuple[Tensor, Tensor]:
+            return rnn_layer_reference(*inputs, mode=ctx.mode, reverse=ctx.reverse, batch_sizes=batch_sizes)
+
+        grads = _differentiable_backward(layer, (x, h0, w_ih, w_hh, b_ih, b_hh), need, (grad_y, grad_h_n))
+        return (*grads, None, None, None)
+    grads = torch.ops.lstm_ext.rnn_backward(
+        grad_y, grad_h_n, x, h0, w_ih, w_hh, batch_sizes, ctx.reverse, ctx.mode, y, saved,
+        [need[0], need[2] or need[3], need[4] or need[5]],
+    )
+    return (*(g if n else None for g, n in zip(grads, need)), None, None, None)
+
+
+torch.library.register_autograd(
+    "lstm_ext::rnn_forward", _rnn_backward, setup_context=_rnn_setup_context
 )

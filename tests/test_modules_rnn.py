@@ -438,17 +438,9 @@ def test_cell_2d_hx_for_1d_input_refused_where_torch_crashes():
 
 # --------------------------------------------------------------------------- autocast
 
-_AUTOCAST_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="on CPU, autocast runs nn.RNN (aten::rnn_tanh/rnn_relu, padded and packed) in "
-    "bfloat16; functional.rnn_layer has no autocast rule yet (the fused ops' job)",
-)
-
-
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize(
-    "kind", ["gru", pytest.param("rnn_tanh", marks=_AUTOCAST_XFAIL),
-             pytest.param("rnn_relu", marks=_AUTOCAST_XFAIL)],
+    "kind", ["gru", "rnn_tanh", "rnn_relu"],
 )
 def test_autocast_cpu_dtypes_like_torch(kind, packed):
     ref, ext = make_pair(kind, torch.float32, num_layers=2)
