@@ -210,7 +210,7 @@ def bench_shape(
     grads = [torch.randn(*_data(i).shape[:-1], cfg.proj_size or shape.hidden, device=device, dtype=dtype) for i in inputs]
 
     def lstm_fn(m: CharLSTM) -> Callable[[int], None]:
-        return lambda r: _data(m.lstm(inputs[r])[0]).backward(grads[r])
+        return lambda r: _data(m.rnn(inputs[r])[0]).backward(grads[r])
 
     times = interleaved([lstm_fn(m) for m in models.values()], len(probe), device, f"{label}: LSTM fwd+bwd")
     lstm = compare(dict(zip(models, times)), tokens, plan.warmup)
@@ -223,7 +223,7 @@ def bench_shape(
     gen_models = dict(models)
     if cfg.proj_size == 0:  # nn.LSTMCell has no projection
         cells = copy.deepcopy(models[BASE])
-        cells.lstm = LSTMCellStack(models[BASE].lstm)
+        cells.rnn = LSTMCellStack(models[BASE].rnn)
         gen_models[CELLS] = cells
 
     def gen_fn(m: CharLSTM) -> Callable[[int], None]:

