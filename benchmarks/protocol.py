@@ -27,8 +27,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from config import DTYPES, BenchConfig, Plan, Shape
 from lstm_ext.shakespeare.data import CharStreams, Vocab, load_text, split
-from lstm_ext.shakespeare.model import CharLSTM, State, detach_state
+from lstm_ext.shakespeare.model import CharLSTM, State
 from lstm_ext.shakespeare.sample import generate
+from lstm_ext.shakespeare.timing import Contender
 from lstm_ext.shakespeare.train import evaluate, lm_loss
 from timing import describe_machine, interleaved, matmul_gflops, median_rate, median_ratio, sync, tf32_disabled
 
@@ -60,29 +61,6 @@ class LSTMCellStack(nn.Module):
                 x_t = hs[k]
             outs.append(x_t)
         return torch.stack(outs), (torch.stack(hs), torch.stack(cs))
-
-
-class Contender:
-    """One model under test with its optimizer and carried training state."""
-
-    def __init__(self, model: CharLSTM, lr: float) -> None:
-        self.model = model
-        # Adam's usual eps of 1e-8 is 0 in float16, and a parameter with no gradient yet
-        # would step by 0/0; the dtype's smallest normal number keeps it finite.
-        eps = max(1e-8, torch.finfo(next(model.parameters()).dtype).tiny)
-        self.opt = torch.optim.Adam(model.parameters(), lr=lr, eps=eps)
-        self.state: Optional[State] = None
-        self.losses: list[float] = []
-
-    def train_step(self, x: Union[Tensor, PackedSequence], y: Tensor, carry: bool) -> None:
-        logits, state = self.model(x, self.state)
-        loss = lm_loss(logits, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
-        self.opt.step()
-        self.state = detach_state(state) if carry else None
-        self.losses.append(loss.item())
 
 
 class Batches:
