@@ -12,7 +12,8 @@ A checkpoint is a ``torch.save``'d dict of plain containers and tensors, loaded 
                   "lstm." in files from before GRU and RNN cells, renamed on loading)
     optimizer     Adam state dict
     history       {"train": [loss per step], "val": [[step, loss], ...],
-                   "val_seconds": [training seconds at each validation, or None where unknown]}
+                   "val_seconds": [training seconds at each validation, or None where unknown],
+                   "seconds": training seconds of all steps}
     ranks         per process: {"rng": ..., "state": (h, c) for an LSTM, h for a GRU or RNN, or None}
 
 ``load_checkpoint`` checks the type of each part (``PARTS``); whether the parts fit a
@@ -54,14 +55,14 @@ def _is_vocab(value: Any) -> bool:
 
 def _is_history(value: Any) -> bool:
     """``{"train": [loss, ...], "val": [[step, loss], ...]}``, optionally ``"val_seconds": [seconds or None, ...]``
-    (one per validation; checkpoints from before it have none)."""
+    (one per validation) and ``"seconds"`` (checkpoints from before them have neither)."""
     seconds = value.get("val_seconds", []) if isinstance(value, dict) else None
     return (isinstance(value, dict) and isinstance(value.get("train"), list) and isinstance(value.get("val"), list)
             and all(_is_number(loss) for loss in value["train"])
             and all(isinstance(v, (list, tuple)) and len(v) == 2 and _is_count(v[0]) and _is_number(v[1])
                     for v in value["val"])
             and isinstance(seconds, list) and len(seconds) <= len(value["val"])
-            and all(t is None or _is_number(t) for t in seconds))
+            and all(t is None or _is_number(t) for t in seconds) and _is_number(value.get("seconds", 0.0)))
 
 
 def _is_state_dict(value: Any) -> bool:

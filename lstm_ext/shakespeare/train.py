@@ -307,8 +307,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, ddp: bool = False, pro
         step, history = ckpt["step"], ckpt["history"]
         # Checkpoints from before val_seconds: those validations' times are unknown.
         history["val_seconds"] = history.get("val_seconds", []) + [None] * (len(history["val"]) - len(history.get("val_seconds", [])))
-    # Training seconds so far (forward, backward and optimizer steps; not validation or saving).
-    seconds = next((t for t in reversed(history["val_seconds"]) if t is not None), 0.0)
+    # Training seconds so far (forward, backward and optimizer steps; not validation or saving),
+    # kept in the history at each save (older checkpoints: the last validation's, or 0).
+    seconds = history.get("seconds", next((t for t in reversed(history["val_seconds"]) if t is not None), 0.0))
     net: nn.Module = model
     if ddp:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
@@ -320,6 +321,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, ddp: bool = False, pro
         cpu_state = None if state is None else state.cpu() if isinstance(state, Tensor) else tuple(t.cpu() for t in state)
         ranks = env.gather({"rng": rng_state(env.device), "state": cpu_state})
         if lead:
+            history["seconds"] = seconds
             save_checkpoint(
                 ckpt_path,
                 {

@@ -42,7 +42,7 @@ def test_train_resume_and_sample_with_each_cell(cell: str, impl: str, small_text
     else:
         assert isinstance(state, torch.Tensor) and state.shape == (2, 2, 8)
     assert len(ckpt["history"]["val_seconds"]) == len(ckpt["history"]["val"]) == 2
-    assert 0 < ckpt["history"]["val_seconds"][0] <= ckpt["history"]["val_seconds"][1]
+    assert 0 < ckpt["history"]["val_seconds"][0] <= ckpt["history"]["val_seconds"][1] == ckpt["history"]["seconds"]
     # Resume takes the cell from the checkpoint.
     assert main(["train", "--resume", str(out / "checkpoint.pt"), "--steps", "5", "--no-progress"]) == 0
     resumed = load_checkpoint(out / "checkpoint.pt")
