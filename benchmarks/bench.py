@@ -5,6 +5,7 @@
     python benchmarks/bench.py --quick         # seconds, tiny model
     python benchmarks/bench.py --sweep all     # and 13 more shapes (CPU)
     python benchmarks/bench.py --device cuda --sweep gpu --dtypes float32,bfloat16,float16
+    python benchmarks/bench.py --cell all --sweep all   # GRU and RNN (tanh) too, each into OUT/CELL/
     python benchmarks/bench.py --help
 
 lstm_ext must be importable: installed (pip install --no-build-isolation .), or, in a
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Optional
 
 
@@ -29,7 +31,7 @@ except ModuleNotFoundError as err:
     sys.exit("error: lstm_ext is not importable: install it (pip install --no-build-isolation .) "
              "or run from the checkout as PYTHONPATH=. python benchmarks/bench.py")
 
-from config import DTYPES, QUICK, SWEEPS, BenchConfig, parse_dtypes, parse_sweep
+from config import CELL_CHOICES, DTYPES, QUICK, SWEEPS, BenchConfig, parse_dtypes, parse_sweep
 from lstm_ext.shakespeare.data import DataError
 from lstm_ext.shakespeare.model import ImplUnavailableError
 from lstm_ext.shakespeare.options import add_common, checked_text, given, positive_int, set_threads
@@ -40,8 +42,11 @@ from report import markdown, write_reports
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options (defaults shown are those of BenchConfig, or QUICK with --quick)."""
     d = BenchConfig()
-    add_common(p, "implementation compared with nn.LSTM (default lstm_ext; 'torch' pits nn.LSTM against itself to show the noise)")
+    add_common(p, "implementation compared with torch's module (default lstm_ext; 'torch' pits nn.LSTM against itself to show the noise)")
     S = argparse.SUPPRESS
+    p.add_argument("--cell", choices=CELL_CHOICES, default=S,
+                   help=f"cell measured: lstm_ext.LSTM/GRU/RNN (tanh) against nn.LSTM/GRU/RNN (default {d.cell}); "
+                   "'all' runs each in turn, writing into OUT/lstm, OUT/gru, OUT/rnn")
     dtype = p.add_mutually_exclusive_group()
     dtype.add_argument("--dtype", choices=DTYPES, default=S, help=f"parameter dtype (default {d.dtype})")
     dtype.add_argument(
@@ -73,6 +78,8 @@ def config_problem(cfg: BenchConfig) -> Optional[str]:
     """Why ``cfg`` cannot run, found before any work; None if it can. (--device is
     checked while parsing, by the option itself.)"""
     shapes = [cfg.main_shape(), *cfg.sweep_shapes()]
+    if cfg.proj_size and cfg.cell != "lstm":
+        return f"--proj-size is an LSTM option; --cell {cfg.cell} has none"
     if cfg.proj_size and any(s.hidden <= cfg.proj_size for s in shapes):
         return f"--proj-size {cfg.proj_size} must be smaller than every hidden size"
     return None
@@ -85,18 +92,22 @@ def run_cli(args: argparse.Namespace) -> int:
     cfg = replace(BenchConfig(**QUICK) if opts.get("quick") else BenchConfig(), **opts)
     if cfg.dtypes:
         cfg = replace(cfg, dtype=cfg.sweep_dtypes()[0])
-    problem = config_problem(cfg)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 1
-    try:
-        res = run_bench(cfg)
-    except (DataError, ImplUnavailableError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    paths = write_reports(res, cfg.out)
-    print(markdown(res))
-    print(f"took {res['seconds']:.0f} s; wrote {', '.join(str(p) for p in paths.values())}")
+    # --cell all: one run per cell, each with its own reports; otherwise the one run, into --out itself.
+    runs = [cfg] if cfg.cell != "all" else [replace(cfg, cell=c, out=str(Path(cfg.out) / c)) for c in CELL_CHOICES if c != "all"]
+    for run in runs:
+        problem = config_problem(run)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
+    for run in runs:
+        try:
+            res = run_bench(run)
+        except (DataError, ImplUnavailableError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        paths = write_reports(res, run.out)
+        print(markdown(res))
+        print(f"took {res['seconds']:.0f} s; wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 
 

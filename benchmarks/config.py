@@ -6,6 +6,9 @@ from typing import Optional
 
 import torch
 
+# --cell: the recurrent cell measured; "all" runs the benchmark once per cell.
+CELL_CHOICES = ("lstm", "gru", "rnn", "all")
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -78,6 +81,7 @@ class BenchConfig:
     """Options of one benchmark run (see ``bench.add_arguments`` for their meaning)."""
 
     impl: str = "lstm_ext"
+    cell: str = "lstm"  # lstm, gru or rnn (tanh); bench.py runs "all" as one BenchConfig per cell
     device: str = "cpu"
     dtype: str = "float32"
     dtypes: Optional[str] = None  # the sweep's dtypes, comma-separated; None: just ``dtype``

@@ -1,4 +1,5 @@
-"""Per-shape measurement of lstm_ext.LSTM against torch.nn.LSTM on the Shakespeare model.
+"""Per-shape measurement of lstm_ext.LSTM against torch.nn.LSTM on the Shakespeare model
+(or of lstm_ext.GRU / lstm_ext.RNN against nn.GRU / nn.RNN with ``cell``).
 
 Both models start from the same weights and train on the same batches, one step of
 each in turn (the order alternating), so the machine's noise hits both alike. Every
@@ -27,8 +28,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from config import DTYPES, BenchConfig, Plan, Shape
 from lstm_ext.shakespeare.data import CharStreams, Vocab, load_text, split
-from lstm_ext.shakespeare.model import CharLSTM, State, detach_state
+from lstm_ext.shakespeare.model import CELL_CLASSES, GATES, CharLSTM, State
 from lstm_ext.shakespeare.sample import generate
+from lstm_ext.shakespeare.timing import Contender
 from lstm_ext.shakespeare.train import evaluate, lm_loss
 from timing import describe_machine, interleaved, matmul_gflops, median_rate, median_ratio, sync, tf32_disabled
 
@@ -60,29 +62,6 @@ class LSTMCellStack(nn.Module):
                 x_t = hs[k]
             outs.append(x_t)
         return torch.stack(outs), (torch.stack(hs), torch.stack(cs))
-
-
-class Contender:
-    """One model under test with its optimizer and carried training state."""
-
-    def __init__(self, model: CharLSTM, lr: float) -> None:
-        self.model = model
-        # Adam's usual eps of 1e-8 is 0 in float16, and a parameter with no gradient yet
-        # would step by 0/0; the dtype's smallest normal number keeps it finite.
-        eps = max(1e-8, torch.finfo(next(model.parameters()).dtype).tiny)
-        self.opt = torch.optim.Adam(model.parameters(), lr=lr, eps=eps)
-        self.state: Optional[State] = None
-        self.losses: list[float] = []
-
-    def train_step(self, x: Union[Tensor, PackedSequence], y: Tensor, carry: bool) -> None:
-        logits, state = self.model(x, self.state)
-        loss = lm_loss(logits, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
-        self.opt.step()
-        self.state = detach_state(state) if carry else None
-        self.losses.append(loss.item())
 
 
 class Batches:
@@ -121,14 +100,17 @@ def compare(times: dict[str, list[float]], work: Sequence[float], warmup: int) -
     return out
 
 
-def lstm_forward_flops(tokens: int, shape: Shape, proj_size: int) -> float:
-    """FLOPs of the LSTM's forward: per layer 2*tokens*4H*(I+R), plus 2*tokens*H*P for a projection."""
+def lstm_forward_flops(tokens: int, shape: Shape, proj_size: int, cell: str = "lstm") -> float:
+    """FLOPs of the recurrent layers' forward: per layer 2*tokens*G*H*(I+R), plus 2*tokens*H*P for a projection.
+
+    G is the gate count (4 for the LSTM, 3 for the GRU, 1 for the RNN).
+    """
     h, p = shape.hidden, proj_size
     r = p or h
     total = 0.0
     for k in range(shape.layers):
         i = h if k == 0 else r  # the embedding is H wide
-        total += 2 * tokens * 4 * h * (i + r) + (2 * tokens * h * p if p else 0)
+        total += 2 * tokens * GATES[cell] * h * (i + r) + (2 * tokens * h * p if p else 0)
     return total
 
 
@@ -172,8 +154,8 @@ def bench_shape(
     """All measurements for one shape in one dtype; returns the result record and the trained models."""
     dtype = DTYPES[dtype_name]
     torch.manual_seed(cfg.seed)
-    base_model = CharLSTM(len(corpus.vocab), shape.hidden, shape.layers, 0.0, "torch", cfg.proj_size)
-    cand_model = CharLSTM(len(corpus.vocab), shape.hidden, shape.layers, 0.0, cfg.impl, cfg.proj_size)
+    base_model = CharLSTM(len(corpus.vocab), shape.hidden, shape.layers, 0.0, "torch", cfg.proj_size, cfg.cell)
+    cand_model = CharLSTM(len(corpus.vocab), shape.hidden, shape.layers, 0.0, cfg.impl, cfg.proj_size, cfg.cell)
     cand_model.load_state_dict(base_model.state_dict())
     models = {BASE: base_model.to(device, dtype), CAND: cand_model.to(device, dtype)}
     contenders = {name: Contender(m, cfg.lr) for name, m in models.items()}
@@ -210,20 +192,20 @@ def bench_shape(
     grads = [torch.randn(*_data(i).shape[:-1], cfg.proj_size or shape.hidden, device=device, dtype=dtype) for i in inputs]
 
     def lstm_fn(m: CharLSTM) -> Callable[[int], None]:
-        return lambda r: _data(m.lstm(inputs[r])[0]).backward(grads[r])
+        return lambda r: _data(m.rnn(inputs[r])[0]).backward(grads[r])
 
     times = interleaved([lstm_fn(m) for m in models.values()], len(probe), device, f"{label}: LSTM fwd+bwd")
     lstm = compare(dict(zip(models, times)), tokens, plan.warmup)
     matmul = matmul_gflops(4 * shape.hidden, dtype, device)
-    flops_per_token = 3 * lstm_forward_flops(1, shape, cfg.proj_size)  # backward ~ 2x forward
+    flops_per_token = 3 * lstm_forward_flops(1, shape, cfg.proj_size, cfg.cell)  # backward ~ 2x forward
     for name in models:
         lstm[f"gflops_{name}"] = lstm[name] * flops_per_token / 1e9
         lstm[f"matmul_fraction_{name}"] = lstm[f"gflops_{name}"] / matmul
 
     gen_models = dict(models)
-    if cfg.proj_size == 0:  # nn.LSTMCell has no projection
+    if cfg.cell == "lstm" and cfg.proj_size == 0:  # nn.LSTMCell has no projection
         cells = copy.deepcopy(models[BASE])
-        cells.lstm = LSTMCellStack(models[BASE].lstm)
+        cells.rnn = LSTMCellStack(models[BASE].rnn)
         gen_models[CELLS] = cells
 
     def gen_fn(m: CharLSTM) -> Callable[[int], None]:
@@ -272,6 +254,13 @@ def _lstm_input(x: Union[Tensor, PackedSequence], width: int, dtype: torch.dtype
     return data
 
 
+def labels(cfg: BenchConfig) -> dict[str, str]:
+    """How the reports name the contenders: nn.LSTM and lstm_ext.LSTM (or GRU, RNN), the cell loop."""
+    name = CELL_CLASSES[cfg.cell]
+    cand = f"lstm_ext.{name}" if cfg.impl == "lstm_ext" else f"nn.{name} (again)"
+    return {BASE: f"nn.{name}", CAND: cand, CELLS: "nn.LSTMCell loop"}
+
+
 def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run the benchmark described by ``cfg`` and return its results (see ``report.write_reports``).
 
@@ -294,7 +283,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         environment = describe_machine(device)
     return {
         "config": asdict(cfg),
-        "labels": {BASE: "nn.LSTM", CAND: "lstm_ext.LSTM" if cfg.impl == "lstm_ext" else "nn.LSTM (again)", CELLS: "nn.LSTMCell loop"},
+        "labels": labels(cfg),
         "environment": environment,
         "vocab_size": len(vocab),
         "main": main,

@@ -8,6 +8,7 @@ from typing import Any, Optional, Union
 from matplotlib.figure import Figure
 
 from config import Shape
+from lstm_ext.shakespeare.model import CELL_CLASSES
 from lstm_ext.shakespeare.plot import draw_losses
 from protocol import BASE, CAND, CELLS
 
@@ -33,9 +34,15 @@ def _sweep_label(record: dict[str, Any], with_dtype: bool) -> str:
     return f"{shape} {record['dtype']}" if with_dtype else shape
 
 
+def cell_name(cfg: dict[str, Any]) -> str:
+    """LSTM, GRU or RNN: the cell of a run's config (results from before --cell are LSTM)."""
+    return CELL_CLASSES[cfg.get("cell", "lstm")]
+
+
 def markdown(res: dict[str, Any]) -> str:
     """The results as a markdown report (also what the terminal shows)."""
     cfg, lab, m, env = res["config"], res["labels"], res["main"], res["environment"]
+    cell = cell_name(cfg)
     tr, fw, ls, gen, mem = (m[k] for k in ("train_tokens_per_s", "forward_tokens_per_s", "lstm_fwd_bwd_tokens_per_s", "generate_chars_per_s", "memory"))
     extras = ", PackedSequence (mixed lengths)" if cfg["packed"] else ""
     extras += f", proj_size {cfg['proj_size']}" if cfg["proj_size"] else ""
@@ -43,8 +50,8 @@ def markdown(res: dict[str, Any]) -> str:
     rows = [
         ("training, tokens/s", _n(tr[BASE]), _n(tr[CAND]), _x(tr["speedup"])),
         ("forward only (no_grad), tokens/s", _n(fw[BASE]), _n(fw[CAND]), _x(fw["speedup"])),
-        ("LSTM alone, forward+backward, tokens/s", _n(ls[BASE]), _n(ls[CAND]), _x(ls["speedup"])),
-        ("LSTM alone, forward+backward, GFLOP/s (% of matmul)", pct[BASE], pct[CAND], ""),
+        (f"{cell} alone, forward+backward, tokens/s", _n(ls[BASE]), _n(ls[CAND]), _x(ls["speedup"])),
+        (f"{cell} alone, forward+backward, GFLOP/s (% of matmul)", pct[BASE], pct[CAND], ""),
         ("generation at batch 1, chars/s", _n(gen[BASE]), _n(gen[CAND]), _x(gen["speedup"])),
     ]
     if CELLS in gen:
@@ -58,7 +65,7 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     machine = f"Machine: {machine_line(env)}."
     lines = [
-        "# lstm_ext benchmark: Shakespeare char-LSTM",
+        f"# lstm_ext benchmark: Shakespeare char-{cell}",
         "",
         f"{lab[BASE]} vs {lab[CAND]}, {m['dtype']}, on {cfg['device']}. {machine}",
     ]
@@ -68,7 +75,7 @@ def markdown(res: dict[str, Any]) -> str:
             "so float32 matmuls and cuDNN RNNs compute in float32. Times from CUDA events."
         )
     lines += [
-        f"Embedding -> LSTM -> Linear, {m['shape']['layers']} layers of {m['shape']['hidden']}, vocabulary {res['vocab_size']}, "
+        f"Embedding -> {cell} -> Linear, {m['shape']['layers']} layers of {m['shape']['hidden']}, vocabulary {res['vocab_size']}, "
         f"batch {m['shape']['batch']} x seq {m['shape']['seq']}{extras}; {cfg['steps']} Adam steps each, same initial weights and batches.",
         f"Speed-up: median of paired per-round time ratios. Matmul reference: {m['matmul_n']}^3 matmul at {m['matmul_gflops']:.1f} GFLOP/s.",
         "",
@@ -83,8 +90,8 @@ def markdown(res: dict[str, Any]) -> str:
             "",
             f"{machine} Matmul reference per row: a (4 hidden)^3 matmul in the same run and dtype.",
             "",
-            f"| shape | dtype | training tokens/s {lab[BASE]} | {lab[CAND]} | training speed-up | forward speed-up | LSTM fwd+bwd speed-up "
-            f"| LSTM fwd+bwd % of matmul, {lab[BASE]} / {lab[CAND]} | generation speed-up | generation vs {lab[CELLS]} | max loss diff |",
+            f"| shape | dtype | training tokens/s {lab[BASE]} | {lab[CAND]} | training speed-up | forward speed-up | {cell} fwd+bwd speed-up "
+            f"| {cell} fwd+bwd % of matmul, {lab[BASE]} / {lab[CAND]} | generation speed-up | generation vs {lab[CELLS]} | max loss diff |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in res["sweep"]:
@@ -105,6 +112,7 @@ def markdown(res: dict[str, Any]) -> str:
 def figure(res: dict[str, Any], path: Path) -> None:
     """PNG: both loss curves, relative speed bars, and the sweep's training speed-ups if any."""
     lab, m, sweep = res["labels"], res["main"], res["sweep"]
+    cell = cell_name(res["config"])
     panels = 3 if sweep else 2
     # One bar per sweep row: a long sweep (16 shapes x 3 dtypes) needs the height.
     fig = Figure(figsize=(6 * panels, max(4.5, 0.2 * len(sweep))), layout="constrained")
@@ -118,7 +126,7 @@ def figure(res: dict[str, Any], path: Path) -> None:
     gap.plot(range(1, len(gaps) + 1), gaps, color="gray", lw=0.8)
     gap.set_ylim(0, 4 * max(gaps) or 1.0)  # keep it in the lower quarter, under the loss curves
     gap.set_ylabel("|difference| (gray)", color="gray")
-    phases = {"training": "train_tokens_per_s", "forward": "forward_tokens_per_s", "LSTM fwd+bwd": "lstm_fwd_bwd_tokens_per_s", "generation": "generate_chars_per_s"}
+    phases = {"training": "train_tokens_per_s", "forward": "forward_tokens_per_s", f"{cell} fwd+bwd": "lstm_fwd_bwd_tokens_per_s", "generation": "generate_chars_per_s"}
     xs = range(len(phases))
     axes[1].bar([x - 0.2 for x in xs], [1.0] * len(phases), 0.4, label=lab[BASE])
     axes[1].bar([x + 0.2 for x in xs], [m[k]["speedup"] for k in phases.values()], 0.4, label=lab[CAND])

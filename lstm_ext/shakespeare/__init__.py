@@ -1,6 +1,6 @@
-"""Character-level LSTM on Shakespeare: data, training and sampling.
+"""Character-level RNN, GRU or LSTM on Shakespeare: data, training, sampling and their comparison.
 
-Command line: ``python -m lstm_ext.shakespeare train|sample --help``. The benchmark of
+Command line: ``python -m lstm_ext.shakespeare train|sample|compare --help``. The benchmark of
 lstm_ext.LSTM against nn.LSTM on this model is ``python benchmarks/bench.py`` in a checkout.
 Needs the install extra: ``pip install "lstm_ext[shakespeare]"``.
 """
@@ -18,12 +18,12 @@ except ImportError as err:
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .data import CharStreams, DataError, Vocab, load_text, render_play, shakespeare_text
-from .model import CharLSTM, ImplUnavailableError, make_lstm
+from .model import CELLS, CharLSTM, CharRNN, ImplUnavailableError, make_lstm, make_rnn
 from .sample import generate, load_for_sampling
 from .train import TrainConfig, TrainResult, evaluate, train
 
 __all__ = [
-    "CharLSTM", "CharStreams", "CheckpointError", "DataError", "ImplUnavailableError", "TrainConfig",
+    "CELLS", "CharLSTM", "CharRNN", "CharStreams", "CheckpointError", "DataError", "ImplUnavailableError", "TrainConfig",
     "TrainResult", "Vocab", "evaluate", "generate", "load_checkpoint", "load_for_sampling", "load_text",
-    "make_lstm", "render_play", "shakespeare_text", "train",
+    "make_lstm", "make_rnn", "render_play", "shakespeare_text", "train",
 ]

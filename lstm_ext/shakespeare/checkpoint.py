@@ -8,10 +8,13 @@ A checkpoint is a ``torch.save``'d dict of plain containers and tensors, loaded 
     vocab         list of characters (index = id)
     data_digest   hash of the training text
     step          optimizer steps taken; also the data position (next batch: step mod batches per epoch)
-    model         model state dict (the same for both LSTM implementations)
+    model         model state dict (the same for both implementations; recurrent layers under "rnn.",
+                  "lstm." in files from before GRU and RNN cells, renamed on loading)
     optimizer     Adam state dict
-    history       {"train": [loss per step], "val": [[step, loss], ...]}
-    ranks         per process: {"rng": ..., "state": (h, c) or None}
+    history       {"train": [loss per step], "val": [[step, loss], ...],
+                   "val_seconds": [training seconds at each validation, or None where unknown],
+                   "seconds": training seconds of all steps}
+    ranks         per process: {"rng": ..., "state": (h, c) for an LSTM, h for a GRU or RNN, or None}
 
 ``load_checkpoint`` checks the type of each part (``PARTS``); whether the parts fit a
 model is checked as they are loaded into it (``load_weights``, ``train._restore``).
@@ -51,11 +54,15 @@ def _is_vocab(value: Any) -> bool:
 
 
 def _is_history(value: Any) -> bool:
-    """``{"train": [loss, ...], "val": [[step, loss], ...]}``."""
+    """``{"train": [loss, ...], "val": [[step, loss], ...]}``, optionally ``"val_seconds": [seconds or None, ...]``
+    (one per validation) and ``"seconds"`` (checkpoints from before them have neither)."""
+    seconds = value.get("val_seconds", []) if isinstance(value, dict) else None
     return (isinstance(value, dict) and isinstance(value.get("train"), list) and isinstance(value.get("val"), list)
             and all(_is_number(loss) for loss in value["train"])
             and all(isinstance(v, (list, tuple)) and len(v) == 2 and _is_count(v[0]) and _is_number(v[1])
-                    for v in value["val"]))
+                    for v in value["val"])
+            and isinstance(seconds, list) and len(seconds) <= len(value["val"])
+            and all(t is None or _is_number(t) for t in seconds) and _is_number(value.get("seconds", 0.0)))
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -63,12 +70,12 @@ def _is_state_dict(value: Any) -> bool:
 
 
 def _is_rank(value: Any) -> bool:
-    """``{"rng": {"torch": tensor, "python": ...}, "state": None or (h, c)}``."""
+    """``{"rng": {"torch": tensor, "python": ...}, "state": None, h or (h, c)}``."""
     if not (isinstance(value, dict) and isinstance(value.get("rng"), dict) and "state" in value):
         return False
     rng, state = value["rng"], value["state"]
     is_pair = isinstance(state, (list, tuple)) and len(state) == 2 and all(isinstance(t, Tensor) for t in state)
-    return isinstance(rng.get("torch"), Tensor) and "python" in rng and (state is None or is_pair)
+    return isinstance(rng.get("torch"), Tensor) and "python" in rng and (state is None or isinstance(state, Tensor) or is_pair)
 
 
 # What each part of a payload must be: its test, and how to tell a user.

