@@ -29,16 +29,25 @@ struct BackwardResult {
   Tensor dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr;
 };
 
+// The tensors the kernels read, contiguous; c0 and w_hr undefined where absent.
+struct Operands {
+  Tensor x, h0, c0, w_ih, w_hh, w_hr;
+};
+
+inline Operands contiguous_operands(const LayerArgs& a) {
+  auto optional = [](const OptTensor& t) { return t ? t->contiguous() : Tensor(); };
+  return {a.x.contiguous(),    a.h0.contiguous(),   optional(a.c0),
+          a.w_ih.contiguous(), a.w_hh.contiguous(), optional(a.w_hr)};
+}
+
 // for_backward: also return what the backward needs (saved, cells, hidden); otherwise
 // those come back empty and the forward keeps only one step of them.
 template <class Backend, class Cell>
 ForwardResult layer_forward(const LayerArgs& in, bool for_backward, const char* op) {
   const LayerDims d = check_layer_inputs(in, Cell::kGates, op);
   const typename Backend::DeviceGuard guard(in.x.device());
-  const Tensor x = in.x.contiguous(), h0 = in.h0.contiguous();
-  const Tensor c0 = Cell::kCarriesCell ? in.c0->contiguous() : Tensor();
-  const Tensor w_ih = in.w_ih.contiguous(), w_hh = in.w_hh.contiguous();
-  const Tensor w_hr = d.projected ? in.w_hr->contiguous() : Tensor();
+  const Operands o = contiguous_operands(in);
+  const Tensor &x = o.x, &h0 = o.h0, &c0 = o.c0, &w_ih = o.w_ih, &w_hh = o.w_hh, &w_hr = o.w_hr;
   const Schedule sc = make_schedule(d, in.batch_sizes);
   const auto opts = x.options();
   const int64_t G = Cell::kGates * d.H, W = Cell::kSaved * d.H;
@@ -87,10 +96,8 @@ BackwardResult layer_backward(const OptTensor& grad_y, const OptTensor& grad_hn,
                               const char* op) {
   const LayerDims d = check_layer_inputs(in, Cell::kGates, op);
   const typename Backend::DeviceGuard guard(in.x.device());
-  const Tensor x = in.x.contiguous(), h0 = in.h0.contiguous();
-  const Tensor c0 = Cell::kCarriesCell ? in.c0->contiguous() : Tensor();
-  const Tensor w_ih = in.w_ih.contiguous(), w_hh = in.w_hh.contiguous();
-  const Tensor w_hr = d.projected ? in.w_hr->contiguous() : Tensor();
+  const Operands o = contiguous_operands(in);
+  const Tensor &x = o.x, &h0 = o.h0, &c0 = o.c0, &w_ih = o.w_ih, &w_hh = o.w_hh, &w_hr = o.w_hr;
   const Tensor y = y_in.contiguous(), saved = saved_in.contiguous(), cells = cells_in.contiguous();
   const Tensor hidden = hidden_in.contiguous();
   const int64_t G = Cell::kGates * d.H;

@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lstm_ext  # noqa: F401
+from conftest import assert_recorded_backward_is_fused_backward
 from lstm_ext.functional import lstm_cell, lstm_layer
 from lstm_ext.reference import lstm_layer_reference
 
@@ -68,17 +69,7 @@ def test_double_backward_is_exact(reverse, packed):
         return run(dict(zip(keys, tensors)), reverse, bs)
 
     assert torch.autograd.gradgradcheck(f, list(a.values()))
-    # gradgradcheck differentiates the create_graph backward (the reference layer) against
-    # itself, so it cannot see a wrong first derivative there: pin that to the fused backward,
-    # which test_gradcheck checks against finite differences.
-    outputs = f(*a.values())
-    g = torch.Generator().manual_seed(1)
-    grad_outputs = [torch.randn(o.shape, dtype=o.dtype, generator=g) for o in outputs]
-    fused = torch.autograd.grad(outputs, list(a.values()), grad_outputs, retain_graph=True)
-    recorded = torch.autograd.grad(outputs, list(a.values()), grad_outputs, create_graph=True)
-    assert all(r.requires_grad for r in recorded)  # it took the differentiable path
-    for got, want in zip(recorded, fused):
-        torch.testing.assert_close(got, want, **TOL[torch.float64])
+    assert_recorded_backward_is_fused_backward(f, list(a.values()))
 
 
 def nn_lstm_pair(I, H, P, dtype, bias):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import lstm_ext  # noqa: F401
+from conftest import assert_recorded_backward_is_fused_backward
 from lstm_ext.functional import rnn_cell, rnn_layer
 from lstm_ext.reference import rnn_layer_reference
 
@@ -84,16 +85,7 @@ def test_double_backward_is_exact(mode, reverse, packed):
         return run(dict(zip(keys, ts)), mode, reverse, bs)
 
     assert torch.autograd.gradgradcheck(f, list(a.values()))
-    # The create_graph backward runs the reference layer: pin it to the fused backward,
-    # which test_gradcheck checks against finite differences.
-    outputs = f(*a.values())
-    g = torch.Generator().manual_seed(1)
-    grad_outputs = [torch.randn(o.shape, dtype=o.dtype, generator=g) for o in outputs]
-    fused = torch.autograd.grad(outputs, list(a.values()), grad_outputs, retain_graph=True)
-    recorded = torch.autograd.grad(outputs, list(a.values()), grad_outputs, create_graph=True)
-    assert all(r.requires_grad for r in recorded)
-    for got, want in zip(recorded, fused):
-        torch.testing.assert_close(got, want, **TOL[torch.float64])
+    assert_recorded_backward_is_fused_backward(f, list(a.values()))
 
 
 @pytest.mark.parametrize("mode", MODES)
