@@ -12,7 +12,7 @@ import torch
 import lstm_ext  # noqa: F401  (loads the operators)
 
 ROOT = Path(__file__).resolve().parents[1]
-OPS = ("lstm_forward", "lstm_inference", "lstm_backward")
+OPS = ("lstm_forward", "lstm_inference", "lstm_backward", "rnn_forward", "rnn_inference", "rnn_backward")
 
 
 @pytest.mark.parametrize("op", OPS)
