@@ -107,7 +107,7 @@ def cpu_model() -> str:
 
 
 def describe_machine(device: torch.device) -> dict[str, Any]:
-    """What the timings ran on: CPU model, GPU name (CUDA only), software versions, threads, CPU GEMMs used."""
+    """What the timings ran on: CPU model, GPU name (CUDA only), software versions, threads, CPU GEMMs and kernels used."""
     cuda = device.type == "cuda"
     return {
         "cpu": cpu_model(),
@@ -122,5 +122,7 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
         # The CPU GEMM each role of lstm_ext's layer ran, per shape (empty on CUDA): called
         # after the runs, since the choices are made on first use.
         "gemm": torch.ops.lstm_ext.gemm_choices().splitlines(),
+        # The instruction set of lstm_ext's CPU kernels, chosen when it loads: default or avx2.
+        "cpu_kernels": torch.ops.lstm_ext.cpu_capability(),
     }
 
