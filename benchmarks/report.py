@@ -104,6 +104,8 @@ def markdown(res: dict[str, Any]) -> str:
             )
     if env["gemm"]:
         lines += ["", f"## {lab[CAND]}'s CPU GEMM per role and shape (m x k times k x n), chosen once per process", ""]
+        if env.get("cpu_kernels"):
+            lines += [f"CPU kernels: {env['cpu_kernels']} (LSTM_EXT_CPU_CAPABILITY)", ""]
         lines += [f"- {choice}" for choice in env["gemm"]]
     lines += ["", f"Sample from {lab[CAND]} (temperature 0.8):", "", "```", res["sample"].strip("\n"), "```", ""]
     return "\n".join(lines)

@@ -8,27 +8,17 @@ import importlib.util
 import os
 from pathlib import Path
 
-CPU_SOURCES = ["lstm_ops.cpp", "cpu/lstm_cpu.cpp"]
+# The CPU backend, csrc/cpu/lstm_cpu.cpp, is not a source of its own: kernels_default.cpp
+# and kernels_avx2.cpp compile it once per instruction set, and dispatch.cpp picks one at
+# run time (csrc/cpu/kernels_prologue.h).
+CPU_SOURCES = ["lstm_ops.cpp", "cpu/dispatch.cpp", "cpu/kernels_default.cpp", "cpu/kernels_avx2.cpp"]
 CUDA_SOURCES = ["cuda/lstm_cuda.cu"]
-def _host_has_avx2() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
-
-
-# ATen's vector types pick their instruction set from CPU_CAPABILITY. AVX2 is used when
-# the building machine has it (the build then runs on AVX2 machines only);
-# LSTM_EXT_CPU_CAPABILITY=DEFAULT builds a portable, slower extension.
-CPU_CAPABILITY = os.environ.get("LSTM_EXT_CPU_CAPABILITY") or ("AVX2" if _host_has_avx2() else "DEFAULT")
+# No instruction-set flag (-mavx2, -march): the build runs on every CPU of its
+# architecture, whichever machine built it; only kernels_avx2.cpp's code is AVX2.
 # -fopenmp: without it at::parallel_for (inlined from ATen's headers) compiles to a serial
 # loop. Only compiled with it, not linked: the GOMP symbols then resolve through
 # libtorch_cpu to the OpenMP runtime torch itself uses, so there is one thread pool.
-CXX_FLAGS = ["-O3", "-fopenmp", f"-DCPU_CAPABILITY={CPU_CAPABILITY}"] + (
-    ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"] if CPU_CAPABILITY == "AVX2" else []
-)
+CXX_FLAGS = ["-O3", "-fopenmp"]
 # No --use_fast_math: the gate math must match the CPU kernels.
 NVCC_FLAGS = ["-O3"]
 # Headers that ATen/cuda/CUDAContext.h includes (the CUDA backend calls cuBLAS): a CUDA

@@ -32,3 +32,46 @@ def test_ci_runs_the_readme_test_command():
     assert "pip install" in test_lines[0], "the test command must install what the tests need"
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_lines[0] in ci
+
+
+def test_no_instruction_set_flag_for_the_whole_extension():
+    # The build must run on any CPU of its architecture: only kernels_avx2.cpp's code is
+    # AVX2 (csrc/cpu/kernels_prologue.h), whichever machine built it.
+    from lstm_ext import _build_config as cfg
+
+    flags = " ".join(cfg.CXX_FLAGS + cfg.nvcc_flags())
+    assert not re.search(r"-m(avx|fma|f16c|sse[34]|arch=|tune=)|-march|CPU_CAPABILITY", flags), flags
+
+
+def _loaded_extension() -> Path:
+    with open("/proc/self/maps") as f:
+        paths = {line.split()[-1] for line in f if "/lstm_ext" in line and ".so" in line}
+    assert len(paths) == 1, paths
+    return Path(paths.pop())
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists() or os.uname().machine != "x86_64", reason="x86-64 Linux")
+def test_avx2_code_only_in_the_avx2_kernels():
+    """Every function of the library with a VEX-encoded (AVX) instruction is of the AVX2
+    compilation (lstm_ext_avx2::, ATen's at::vec::AVX2::), and the AVX2 kernels use ymm
+    registers: no AVX2 copy of a shared inline function can reach the portable path."""
+    import shutil
+    import subprocess
+
+    if shutil.which("objdump") is None:
+        pytest.skip("needs objdump (binutils)")
+    asm = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(_loaded_extension())],
+                         capture_output=True, text=True, check=True).stdout
+    vex, ymm, name = set(), set(), None
+    for line in asm.splitlines():
+        if m := re.match(r"^[0-9a-f]+ <(.*)>:$", line):
+            name = m.group(1)
+        elif name is not None and "\t" in line:
+            instruction = line.split("\t")[-1]
+            if re.match(r"\s*v[a-z]", instruction):
+                vex.add(name)
+            if "%ymm" in instruction:
+                ymm.add(name)
+    outside = sorted(n for n in vex if "lstm_ext_avx2::" not in n and "::AVX2::" not in n)
+    assert not outside, outside[:10]
+    assert any("lstm_ext_avx2::lstm_ext::packed_gemm_detail::microkernel<float" in n for n in ymm)

@@ -16,6 +16,8 @@ from conftest import REPO
 # the per-step GEMMs also see fewer rows than they were prepared for), and T = 10 >= 8
 # steps so that the weights are packed. Forward+backward, then a no_grad forward.
 CHILD = r"""
+import os
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -24,7 +26,8 @@ import lstm_ext
 torch.manual_seed(0)
 I, H, P, T = 12, 20, 9, 10
 lengths = [10, 10, 9, 7, 4, 2, 1]
-TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
+TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 5e-2}
+DTYPES = [getattr(torch, name) for name in os.environ.get("CHILD_DTYPES", "float32,float64").split(",")]
 
 
 def close(got, expected, dtype, what):
@@ -32,7 +35,7 @@ def close(got, expected, dtype, what):
     torch.testing.assert_close(got, expected, rtol=TOL[dtype], atol=TOL[dtype] * scale, msg=lambda m: f"{what}: {m}")
 
 
-for dtype in (torch.float32, torch.float64):
+for dtype in DTYPES:
     for packed in (False, True):
         ref = nn.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P, dtype=dtype)
         ext = lstm_ext.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P, dtype=dtype)
@@ -50,6 +53,7 @@ for dtype in (torch.float32, torch.float64):
             results[name] = [y, h, c, leaf.grad, y_inf.data if packed else y_inf] + [p.grad for p in module.parameters()]
         for i, (got, expected) in enumerate(zip(results["ext"], results["ref"])):
             close(got, expected, dtype, f"{dtype} packed={packed} output {i}")
+print("cpu_capability:", torch.ops.lstm_ext.cpu_capability())
 print(torch.ops.lstm_ext.gemm_choices(), end="")
 """
 

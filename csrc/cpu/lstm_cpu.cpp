@@ -203,10 +203,9 @@ struct CpuBackend {
 
 }  // namespace
 
-// The GEMM implementations chosen so far in this process (gemm_select.h), for benchmarks.
-TORCH_LIBRARY_FRAGMENT(lstm_ext, m) { m.def("gemm_choices() -> str", [] { return gemm_choices(); }); }
-
-TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
+// This file's CPU kernels, for cpu/dispatch.cpp: kernels_*.cpp compile it once per
+// instruction set, each inside its own namespace, and dispatch.cpp registers one.
+void register_cpu_kernels(torch::Library& m) {
   m.impl("lstm_forward", &lstm_forward<CpuBackend>);
   m.impl("lstm_inference", &lstm_inference<CpuBackend>);
   m.impl("lstm_backward", &lstm_backward<CpuBackend>);

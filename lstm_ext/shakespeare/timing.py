@@ -92,7 +92,7 @@ def cpu_model() -> str:
 
 
 def describe_machine(device: torch.device) -> dict[str, Any]:
-    """What the timings ran on: CPU model, GPU name (CUDA only), software versions, threads, CPU GEMMs used."""
+    """What the timings ran on: CPU model, GPU name (CUDA only), software versions, threads, CPU GEMMs and kernels used."""
     cuda = device.type == "cuda"
     return {
         "cpu": cpu_model(),
@@ -106,16 +106,18 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         # The CPU GEMM each role of lstm_ext's layer ran, per shape (empty on CUDA): called
         # after the runs, since the choices are made on first use.
-        "gemm": _gemm_choices(),
+        "gemm": _lstm_ext_report("gemm_choices").splitlines(),
+        # The instruction set of lstm_ext's CPU kernels, chosen when it loads: default or avx2.
+        "cpu_kernels": _lstm_ext_report("cpu_capability") or None,
     }
 
 
-def _gemm_choices() -> list[str]:
-    """``torch.ops.lstm_ext.gemm_choices()`` as lines; none where the extension is not loaded."""
+def _lstm_ext_report(op: str) -> str:
+    """What ``torch.ops.lstm_ext.<op>()`` reports; empty where the extension is not loaded."""
     try:
-        return torch.ops.lstm_ext.gemm_choices().splitlines()
+        return getattr(torch.ops.lstm_ext, op)()
     except (AttributeError, RuntimeError):
-        return []
+        return ""
 
 
 class Contender:

@@ -59,6 +59,7 @@ def test_bench_extras_packed_projection_float64_sweep(tmp_path: Path, text_file:
     # Sequences of 8 steps pack the weights: the report names the GEMM of each role.
     md = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert res["environment"]["gemm"] and all(f"- {choice}" in md for choice in res["environment"]["gemm"])
+    assert f"CPU kernels: {res['environment']['cpu_kernels']} " in md
 
 
 def test_dtypes_run_every_sweep_shape_in_each(tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture) -> None:
