@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lstm_ext  # noqa: F401
-from conftest import assert_recorded_backward_is_fused_backward
+from autograd_checks import assert_recorded_backward_is_fused_backward
 from lstm_ext.functional import lstm_cell, lstm_layer
 from lstm_ext.reference import lstm_layer_reference
 

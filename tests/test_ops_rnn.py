@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import lstm_ext  # noqa: F401
-from conftest import assert_recorded_backward_is_fused_backward
+from autograd_checks import assert_recorded_backward_is_fused_backward
 from lstm_ext.functional import rnn_cell, rnn_layer
 from lstm_ext.reference import rnn_layer_reference
 
