@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU machine (no pip, no network): build for the local GPU
-# with all cores, the CUDA tests, compute-sanitizer memcheck and racecheck on a small case,
-# the parity table against CPU float64, then the GPU benchmark. Under 8 minutes: each step
-# has a time limit, cut short when the overall deadline comes first.
+# with all cores, the CUDA tests (LSTM, GRU and RNN ops and modules, convert), compute-
+# sanitizer memcheck and racecheck on a small case (LSTM and GRU), the parity table of every
+# cell (LSTM, GRU, RNN tanh/relu) against CPU float64, then the GPU benchmark. Under 8
+# minutes: each step has a time limit, cut short when the overall deadline comes first.
 #
 #   scripts/gpu_check.sh          on the GPU machine
 #   scripts/gpu_check.sh --cpu    everything that needs no GPU (CI): the same scripts and
@@ -62,17 +63,26 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python -c "import lstm_ext, torch; print('lstm_ext CUDA kernels:', torch._C._dispatch_has_kernel_for_dispatch_key('lstm_ext::lstm_forward', 'CUDA'))"
 
 # On CPU the CUDA tests are collected and skipped: the marker and the test files still load.
-run "CUDA tests" 90 python -m pytest -q -m cuda tests/test_ops.py tests/test_modules.py -p no:cacheprovider
+run "CUDA tests" 120 python -m pytest -q -m cuda tests/test_ops.py tests/test_modules.py tests/test_ops_rnn.py \
+  tests/test_modules_rnn.py tests/test_convert.py -p no:cacheprovider
 
+# The sanitizer's program: the small case of the LSTM and the GRU only. Each tool starts
+# torch and the CUDA context under instrumentation, and each cell adds its own forward and
+# backward kernels in three dtypes; all four cells would risk the tools' 60 s caps and the
+# 470 s deadline (the benchmark gets what is left). The GRU covers the rnn_layer op's
+# single-state layer loop; the RNN tanh/relu cells (one gate, their own pointwise kernels)
+# get the parity table only: run `gpu_parity.py --small --cells rnn_tanh,rnn_relu` under
+# the sanitizer by hand when their kernels change.
+SMALL=(scripts/gpu_parity.py --small --cells lstm,gru)
 if [[ $MODE == gpu ]]; then
   SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
   for tool in memcheck racecheck; do
     # Exit 99: the tool found errors. Any other failure (say, it refuses this device) is
     # reported and the check goes on.
-    echo "== compute-sanitizer $tool (small packed, reversed, projected forward + backward; limit $(limit 60)s)"
+    echo "== compute-sanitizer $tool (LSTM and GRU: small packed, reversed, LSTM projected; forward + backward; limit $(limit 60)s)"
     # Without torch's caching allocator every tensor is its own allocation, so memcheck
     # sees an access past a tensor's end.
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(limit 60)" "$SANITIZER" --tool "$tool" --error-exitcode 99 python scripts/gpu_parity.py --small
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(limit 60)" "$SANITIZER" --tool "$tool" --error-exitcode 99 python "${SMALL[@]}"
     rc=$?
     case $rc in
       0) echo "$tool: clean" ;;
@@ -80,10 +90,10 @@ if [[ $MODE == gpu ]]; then
       *) echo "$tool: did not complete (exit $rc: refused the device, timed out, or the program failed; see above)" ;;
     esac
   done
-  run "parity table (CUDA vs CPU float64)" 60 python scripts/gpu_parity.py
+  run "parity table (CUDA vs CPU float64)" 90 python scripts/gpu_parity.py
 else
   echo "== compute-sanitizer: skipped on CPU; its program:"
-  run "small parity case" 60 python scripts/gpu_parity.py --device cpu --small
+  run "small parity case" 60 python "${SMALL[@]}" --device cpu
   run "parity table (CPU vs CPU float64)" 120 python scripts/gpu_parity.py --device cpu
 fi
 
