@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 
-# Two layers, both directions, a projection, packed sequences whose batch shrinks (so
+# Every cell, two layers, both directions, an LSTM projection, packed sequences whose batch shrinks (so
 # the per-step GEMMs also see fewer rows than they were prepared for), and T = 10 >= 8
 # steps so that the weights are packed. Forward+backward, then a no_grad forward.
 CHILD = r"""
@@ -35,24 +35,36 @@ def close(got, expected, dtype, what):
     torch.testing.assert_close(got, expected, rtol=TOL[dtype], atol=TOL[dtype] * scale, msg=lambda m: f"{what}: {m}")
 
 
+# Every cell: the LSTM (with a projection) and the single-state cells, whose GEMMs differ
+# (the GRU's recurrent GEMM writes apart from the input projection).
+CELLS = [
+    (nn.LSTM, lstm_ext.LSTM, dict(proj_size=P)),
+    (nn.GRU, lstm_ext.GRU, {}),
+    (nn.RNN, lstm_ext.RNN, dict(nonlinearity="tanh")),
+    (nn.RNN, lstm_ext.RNN, dict(nonlinearity="relu")),
+]
 for dtype in DTYPES:
-    for packed in (False, True):
-        ref = nn.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P, dtype=dtype)
-        ext = lstm_ext.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=P, dtype=dtype)
-        ext.load_state_dict(ref.state_dict())
-        x = torch.randn(T, len(lengths), I, dtype=dtype)
-        results = {}
-        for name, module in (("ref", ref), ("ext", ext)):
-            leaf = x.clone().requires_grad_()
-            inp = pack_padded_sequence(leaf, lengths) if packed else leaf
-            y, (h, c) = module(inp)
-            y = y.data if packed else y
-            (y.square().sum() + h.sum() + 2 * c.sum()).backward()
-            with torch.no_grad():
-                y_inf = module(inp)[0]
-            results[name] = [y, h, c, leaf.grad, y_inf.data if packed else y_inf] + [p.grad for p in module.parameters()]
-        for i, (got, expected) in enumerate(zip(results["ext"], results["ref"])):
-            close(got, expected, dtype, f"{dtype} packed={packed} output {i}")
+    for ref_cls, ext_cls, extra in CELLS:
+        for packed in (False, True):
+            ref = ref_cls(I, H, num_layers=2, bidirectional=True, dtype=dtype, **extra)
+            ext = ext_cls(I, H, num_layers=2, bidirectional=True, dtype=dtype, **extra)
+            ext.load_state_dict(ref.state_dict())
+            x = torch.randn(T, len(lengths), I, dtype=dtype)
+            results = {}
+            for name, module in (("ref", ref), ("ext", ext)):
+                leaf = x.clone().requires_grad_()
+                inp = pack_padded_sequence(leaf, lengths) if packed else leaf
+                y, state = module(inp)
+                states = state if isinstance(state, tuple) else (state,)
+                y = y.data if packed else y
+                (y.square().sum() + sum((k + 1) * s.sum() for k, s in enumerate(states))).backward()
+                with torch.no_grad():
+                    y_inf = module(inp)[0]
+                results[name] = [y, *states, leaf.grad, y_inf.data if packed else y_inf] + [
+                    p.grad for p in module.parameters()
+                ]
+            for i, (got, expected) in enumerate(zip(results["ext"], results["ref"])):
+                close(got, expected, dtype, f"{ref_cls.__name__} {extra} {dtype} packed={packed} output {i}")
 print("cpu_capability:", torch.ops.lstm_ext.cpu_capability())
 print(torch.ops.lstm_ext.gemm_choices(), end="")
 """
