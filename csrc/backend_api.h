@@ -6,8 +6,8 @@
 //     calls), so that the backend can lay W out for them once and pick an implementation;
 //   gemm(m, A, lda, W, beta, C, ldc): row-major C (m x n) = A (m x k) op(W) + beta * C,
 //     with W what prepare returned (every per-step GEMM multiplies by a weight on the right);
-//   pointwise<Cell>(ForwardStep) and pointwise<Cell>(BackwardStep): run the Cell's
-//     element math (cells.h) over rows x hidden elements;
+//   pointwise<Cell>(step): run the Cell's element math (cells.h) over the rows x hidden
+//     elements of a ForwardStep or a BackwardStep;
 //   weight_grad(dg, a): dg^T a, a weight gradient over all steps, from 2-D tensors.
 #pragma once
 
@@ -41,6 +41,7 @@ struct GemmUse {
 // recurrent pre-activations kGates. Pointers a Cell does not use may be null.
 template <typename scalar_t>
 struct ForwardStep {
+  using scalar_type = scalar_t;
   scalar_t* saved;              // (rows, kSaved H): input pre-activations (plus, for cells that
                                 // sum them, the recurrent ones) less the bias in; what the backward needs out
   const scalar_t* recurrent;    // (rows, kGates H): h_prev W_hh^T, for cells that keep it apart
@@ -57,6 +58,7 @@ struct ForwardStep {
 
 template <typename scalar_t>
 struct BackwardStep {
+  using scalar_type = scalar_t;
   const scalar_t* saved;        // (rows, kSaved H) what the forward saved
   const scalar_t* c;            // (rows, hidden) this step's cell state
   const scalar_t* c_carry;      // as in ForwardStep

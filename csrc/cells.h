@@ -71,6 +71,21 @@ struct BackwardElement {
   }
 };
 
+// The accessor of one element of a step: ForwardElement for a ForwardStep, BackwardElement
+// for a BackwardStep. With run_cell, one pointwise launch per backend serves both.
+template <class Cell, typename T, class Lane, class StepT>
+struct ElementOfStep;
+template <class Cell, typename T, class Lane, typename scalar_t>
+struct ElementOfStep<Cell, T, Lane, ForwardStep<scalar_t>> {
+  using type = ForwardElement<Cell, T, Lane, scalar_t>;
+};
+template <class Cell, typename T, class Lane, typename scalar_t>
+struct ElementOfStep<Cell, T, Lane, BackwardStep<scalar_t>> {
+  using type = BackwardElement<Cell, T, Lane, scalar_t>;
+};
+template <class Cell, typename T, class Lane, class StepT>
+using Element = typename ElementOfStep<Cell, T, Lane, StepT>::type;
+
 // Runs a Cell's forward or backward math on one element, by the accessor's kind.
 template <class Cell, typename T, class Lane, typename scalar_t>
 C10_HOST_DEVICE inline void run_cell(const ForwardElement<Cell, T, Lane, scalar_t>& e) {

@@ -29,8 +29,8 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace lstm_ext {
 
-// Vector lanes run the shared gate math through vec_math.h; the scalar tail and
-// half/bfloat16 use the plain path.
+// Vector lanes run the shared cell math through vec_math.h; the scalar tail uses the
+// plain path.
 template <typename T>
 struct Math<at::vec::Vectorized<T>> {
   using Vec = at::vec::Vectorized<T>;
@@ -197,27 +197,18 @@ struct CpuBackend {
 
   // Runs Cell on every element of a step (ForwardStep or BackwardStep): vectors of the
   // opmath type, then the scalar tail one by one.
-  template <class Cell, template <class, typename, class, typename> class Element, typename scalar_t, class StepT>
-  static void run_pointwise(const StepT& s) {
+  template <class Cell, class StepT>
+  static void pointwise(const StepT& s) {
+    using scalar_t = typename StepT::scalar_type;
     using acc_t = at::opmath_type<scalar_t>;
     using Vec = at::vec::Vectorized<acc_t>;
     for_each_block(s.rows, s.hidden, [&](int64_t b, int64_t j0, int64_t j1) {
       int64_t j = j0;
       for (; j + Vec::size() <= j1; j += Vec::size()) {
-        run_cell(Element<Cell, Vec, VecLane<acc_t, scalar_t>, scalar_t>{s, b, j});
+        run_cell(Element<Cell, Vec, VecLane<acc_t, scalar_t>, StepT>{s, b, j});
       }
-      for (; j < j1; ++j) run_cell(Element<Cell, acc_t, ScalarLane<acc_t, scalar_t>, scalar_t>{s, b, j});
+      for (; j < j1; ++j) run_cell(Element<Cell, acc_t, ScalarLane<acc_t, scalar_t>, StepT>{s, b, j});
     });
-  }
-
-  template <class Cell, typename scalar_t>
-  static void pointwise(const ForwardStep<scalar_t>& s) {
-    run_pointwise<Cell, ForwardElement, scalar_t>(s);
-  }
-
-  template <class Cell, typename scalar_t>
-  static void pointwise(const BackwardStep<scalar_t>& s) {
-    run_pointwise<Cell, BackwardElement, scalar_t>(s);
   }
 };
 

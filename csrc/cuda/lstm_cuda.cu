@@ -24,13 +24,14 @@ inline int blocks_for(int64_t n) {
 }
 
 // One thread per (row, hidden unit) element, grid-stride; the Cell's math in the opmath type.
-template <class Cell, template <class, typename, class, typename> class Element, typename scalar_t, class StepT>
+template <class Cell, class StepT>
 __global__ void pointwise_kernel(StepT s) {
+  using scalar_t = typename StepT::scalar_type;
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t H = s.hidden;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < s.rows * H;
        e += int64_t(gridDim.x) * blockDim.x) {
-    run_cell(Element<Cell, acc_t, ScalarLane<acc_t, scalar_t>, scalar_t>{s, e / H, e % H});
+    run_cell(Element<Cell, acc_t, ScalarLane<acc_t, scalar_t>, StepT>{s, e / H, e % H});
   }
 }
 
@@ -119,21 +120,11 @@ struct CudaBackend {
 
   static Tensor weight_grad(const Tensor& dg, const Tensor& a) { return at::mm(dg.t(), a); }
 
-  template <class Cell, template <class, typename, class, typename> class Element, typename scalar_t, class StepT>
-  static void launch_pointwise(const StepT& s) {
-    pointwise_kernel<Cell, Element, scalar_t>
-        <<<blocks_for(s.rows * s.hidden), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(s);
+  // Runs Cell on every element of a ForwardStep or BackwardStep.
+  template <class Cell, class StepT>
+  static void pointwise(const StepT& s) {
+    pointwise_kernel<Cell><<<blocks_for(s.rows * s.hidden), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
-  template <class Cell, typename scalar_t>
-  static void pointwise(const ForwardStep<scalar_t>& s) {
-    launch_pointwise<Cell, ForwardElement, scalar_t>(s);
-  }
-
-  template <class Cell, typename scalar_t>
-  static void pointwise(const BackwardStep<scalar_t>& s) {
-    launch_pointwise<Cell, BackwardElement, scalar_t>(s);
   }
 };
 
