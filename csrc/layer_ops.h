@@ -7,7 +7,9 @@
 #include <ATen/Dispatch.h>
 
 #include <array>
+#include <memory>
 #include <string_view>
+#include <vector>
 #include <tuple>
 
 #include "cells.h"
@@ -18,6 +20,7 @@ namespace lstm_ext {
 
 inline constexpr char kLstmOp[] = "lstm_ext.lstm_layer";
 inline constexpr char kRnnOp[] = "lstm_ext.rnn_layer";
+inline constexpr char kStackOp[] = "lstm_ext.stack_inference";
 
 // A forward's outputs: y, h_n, c_n (empty without a cell state) and, for the backward,
 // what each step saved, the cell states and (with a projection) the unprojected h.
@@ -40,51 +43,84 @@ inline Operands contiguous_operands(const LayerArgs& a) {
           a.w_ih.contiguous(), a.w_hh.contiguous(), optional(a.w_hr)};
 }
 
-// for_backward: also return what the backward needs (saved, cells, hidden); otherwise
-// those come back empty and the forward keeps only one step of them.
+// A layer forward, checked and with every tensor it writes allocated, ready to run.
+struct ForwardPlan {
+  LayerDims d;
+  Schedule sc;
+  Operands o;
+  Tensor bias, bias_hh, saved, recurrent, y, cells, hidden;
+  bool for_backward;
+  int64_t block_steps;
+};
+
+// for_backward: keep what the backward needs (saved, cells, hidden); otherwise the
+// forward keeps only one step of them. block_steps: at most this many steps per
+// input-projection GEMM of inference (0: no limit but the cache's).
 template <class Backend, class Cell>
-ForwardResult layer_forward(const LayerArgs& in, bool for_backward, const char* op) {
-  const LayerDims d = check_layer_inputs(in, Cell::kGates, op);
-  const typename Backend::DeviceGuard guard(in.x.device());
-  const Operands o = contiguous_operands(in);
-  const Tensor &x = o.x, &h0 = o.h0, &c0 = o.c0, &w_ih = o.w_ih, &w_hh = o.w_hh, &w_hr = o.w_hr;
-  const Schedule sc = make_schedule(d, in.batch_sizes);
-  const auto opts = x.options();
+ForwardPlan plan_forward(const LayerArgs& in, bool for_backward, const char* op, int64_t block_steps = 0) {
+  ForwardPlan f;
+  f.d = check_layer_inputs(in, Cell::kGates, op);
+  const LayerDims& d = f.d;
+  f.o = contiguous_operands(in);
+  f.sc = make_schedule(d, in.batch_sizes);
+  f.for_backward = for_backward;
+  const auto opts = f.o.x.options();
   const int64_t G = Cell::kGates * d.H, W = Cell::kSaved * d.H;
   // Inference projects blocks of steps whose saved values take about 512 KiB, half an L2 here.
-  const int64_t step_bytes = std::max<int64_t>(1, d.N * W * x.element_size());
-  const int64_t block_steps = for_backward ? d.T : std::clamp<int64_t>((512 << 10) / step_bytes, 1, d.T);
+  const int64_t step_bytes = std::max<int64_t>(1, d.N * W * f.o.x.element_size());
+  const int64_t cache_steps = std::clamp<int64_t>((512 << 10) / step_bytes, 1, d.T);
+  f.block_steps = for_backward ? d.T : block_steps > 0 ? std::min(block_steps, cache_steps) : cache_steps;
 
   // The cell kernels add the biases: broadcasting them into the pre-activations before
   // the input projection cost a pass over all of them (5% of an LSTM forward at H=128).
   auto bias_or_zeros = [&](const OptTensor& b) { return b ? b->contiguous() : at::zeros({G}, opts); };
-  Tensor bias, bias_hh;
   if (Cell::kSeparateRecurrent) {
-    bias = bias_or_zeros(in.b_ih);
-    bias_hh = bias_or_zeros(in.b_hh);
+    f.bias = bias_or_zeros(in.b_ih);
+    f.bias_hh = bias_or_zeros(in.b_hh);
   } else {
-    bias = in.b_ih && in.b_hh ? *in.b_ih + *in.b_hh : bias_or_zeros(in.b_ih ? in.b_ih : in.b_hh);
+    f.bias = in.b_ih && in.b_hh ? *in.b_ih + *in.b_hh : bias_or_zeros(in.b_ih ? in.b_ih : in.b_hh);
   }
-  Tensor saved = at::empty(for_backward ? seq_shape(d, W) : std::vector<int64_t>{block_steps * d.N, W}, opts);
-  Tensor recurrent = Cell::kSeparateRecurrent ? at::empty({d.N, G}, opts) : Tensor();
-  Tensor y = at::empty(seq_shape(d, d.P), opts);
+  f.saved = at::empty(for_backward ? seq_shape(d, W) : std::vector<int64_t>{f.block_steps * d.N, W}, opts);
+  f.recurrent = Cell::kSeparateRecurrent ? at::empty({d.N, G}, opts) : Tensor();
+  f.y = at::empty(seq_shape(d, d.P), opts);
   const Tensor none = at::empty({0}, opts);
-  Tensor cells = !Cell::kCarriesCell ? none
-                 : for_backward      ? at::empty(seq_shape(d, d.H), opts)
-                                     : c0.clone(at::MemoryFormat::Contiguous);
-  Tensor hidden = !d.projected ? none : for_backward ? at::empty(seq_shape(d, d.H), opts) : at::empty({d.N, d.H}, opts);
+  f.cells = !Cell::kCarriesCell ? none
+            : for_backward      ? at::empty(seq_shape(d, d.H), opts)
+                                : f.o.c0.clone(at::MemoryFormat::Contiguous);
+  f.hidden = !d.projected ? none : for_backward ? at::empty(seq_shape(d, d.H), opts) : at::empty({d.N, d.H}, opts);
+  return f;
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_forward", [&] {
+// Runs a planned forward; `input` and `output` as in forward_time_loop. Allocates nothing
+// but the backend's prepared weights.
+template <class Backend, class Cell>
+void run_forward(const ForwardPlan& f, const LayerProgress* input = nullptr, LayerProgress* output = nullptr) {
+  const Operands& o = f.o;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.x.scalar_type(), "layer_forward", [&] {
     auto ptr = [](const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<scalar_t>() : nullptr; };
-    const ForwardData<scalar_t> data{ptr(x),    ptr(w_ih), ptr(w_hh), ptr(w_hr), ptr(bias),
-                                     ptr(bias_hh), ptr(h0), ptr(c0), ptr(y)};
-    const ForwardState<scalar_t> state{ptr(saved), ptr(recurrent), ptr(cells), ptr(hidden), for_backward, block_steps};
-    forward_time_loop<Backend, Cell, scalar_t>(d, sc, data, state);
+    const ForwardData<scalar_t> data{ptr(o.x),    ptr(o.w_ih), ptr(o.w_hh), ptr(o.w_hr), ptr(f.bias),
+                                     ptr(f.bias_hh), ptr(o.h0), ptr(o.c0), ptr(f.y)};
+    const ForwardState<scalar_t> state{ptr(f.saved),  ptr(f.recurrent), ptr(f.cells),
+                                       ptr(f.hidden), f.for_backward,   f.block_steps};
+    forward_time_loop<Backend, Cell, scalar_t>(f.d, f.sc, data, state, input, output);
   });
+}
 
-  const Tensor h_n = final_state(d, sc, y);
-  if (!for_backward) return {y, h_n, Cell::kCarriesCell ? cells : none, none, none, none};
-  return {y, h_n, Cell::kCarriesCell ? final_state(d, sc, cells) : none, saved, cells, hidden};
+// A run forward's outputs.
+template <class Cell>
+ForwardResult forward_result(const ForwardPlan& f) {
+  const Tensor none = at::empty({0}, f.y.options());
+  const Tensor h_n = final_state(f.d, f.sc, f.y);
+  if (!f.for_backward) return {f.y, h_n, Cell::kCarriesCell ? f.cells : none, none, none, none};
+  return {f.y, h_n, Cell::kCarriesCell ? final_state(f.d, f.sc, f.cells) : none, f.saved, f.cells, f.hidden};
+}
+
+template <class Backend, class Cell>
+ForwardResult layer_forward(const LayerArgs& in, bool for_backward, const char* op) {
+  const typename Backend::DeviceGuard guard(in.x.device());
+  const ForwardPlan f = plan_forward<Backend, Cell>(in, for_backward, op);
+  run_forward<Backend, Cell>(f);
+  return forward_result<Cell>(f);
 }
 
 // output_mask: which of (dx, weight gradients, bias gradients) to compute; the others
@@ -245,6 +281,87 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
         Tensor(), Tensor(), output_mask, kRnnOp);
   });
   return {r.dx, r.dh0, r.dw_ih, r.dw_hh, r.db_ih, r.db_hh};
+}
+
+// ---- Stacks of layers ----
+
+// Inference through a stack of single-direction layers without dropout, each reading the
+// y of the one below: h0 (L, N, P), c0 (L, N, H) for the LSTM, and per layer w_ih, w_hh,
+// then b_ih, b_hh if has_biases and w_hr if has_projections. Where the Backend lets
+// layers overlap (Backend::overlap_layers: on CPU, small steps), each runs on its own
+// thread a few steps behind the one below: a wavefront, which keeps the cores busy at
+// shapes whose steps are too small to split between them.
+template <class Backend, class Cell>
+std::tuple<Tensor, Tensor, Tensor> stack_forward(const Tensor& x, const Tensor& h0, const OptTensor& c0,
+                                                 at::TensorList weights, bool has_biases, bool has_projections,
+                                                 const OptTensor& batch_sizes) {
+  const int64_t per_layer = 2 + 2 * has_biases + has_projections;
+  const int64_t layers = static_cast<int64_t>(weights.size()) / per_layer;
+  TORCH_CHECK(layers > 0 && layers * per_layer == static_cast<int64_t>(weights.size()), kStackOp, ": expected ",
+              per_layer, " weights per layer, but got ", weights.size(), " in all");
+  TORCH_CHECK(h0.dim() == 3 && h0.size(0) == layers, kStackOp, ": expected h0 of shape (", layers,
+              ", N, *) for ", layers, " layers, but got ", h0.sizes());
+  TORCH_CHECK(c0.has_value() == Cell::kCarriesCell, kStackOp, ": c0 is for the LSTM, and it needs one");
+  TORCH_CHECK(!c0 || (c0->dim() == 3 && c0->size(0) == layers), kStackOp, ": expected c0 of shape (", layers,
+              ", N, hidden_size), but got ", c0 ? c0->sizes() : h0.sizes());
+  const typename Backend::DeviceGuard guard(x.device());
+  // The largest layer's step: its recurrent GEMM, N x P by P x G.
+  int64_t step_flops = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    const Tensor& w_hh = weights[l * per_layer + 1];
+    step_flops = std::max(step_flops, 2 * h0.size(1) * w_hh.numel());
+  }
+  const bool overlap = Backend::overlap_layers(layers, step_flops);
+  // Every check and allocation comes first, so that running cannot fail halfway.
+  std::vector<ForwardPlan> plans;
+  plans.reserve(layers);
+  for (int64_t l = 0; l < layers; ++l) {
+    const Tensor* w = weights.data() + l * per_layer;
+    const LayerArgs args{l == 0 ? x : plans.back().y,
+                         h0[l],
+                         c0 ? OptTensor((*c0)[l]) : std::nullopt,
+                         w[0],
+                         w[1],
+                         has_biases ? OptTensor(w[2]) : std::nullopt,
+                         has_biases ? OptTensor(w[3]) : std::nullopt,
+                         has_projections ? OptTensor(w[per_layer - 1]) : std::nullopt,
+                         batch_sizes,
+                         false};
+    // A layer reading another as it runs waits for each block of its input steps: small
+    // blocks keep the wavefront's lag, and the time a thread idles at its start, short.
+    const int64_t block_steps = overlap && l > 0 ? std::max<int64_t>(1, plans[0].d.T / 16) : 0;
+    plans.push_back(plan_forward<Backend, Cell>(args, false, kStackOp, block_steps));
+  }
+  std::unique_ptr<LayerProgress[]> progress(new LayerProgress[layers]);
+  Backend::for_each_layer(layers, overlap, [&](int64_t l) {
+    try {
+      run_forward<Backend, Cell>(plans[l], l > 0 ? &progress[l - 1] : nullptr, &progress[l]);
+    } catch (...) {
+      progress[l].fail();  // the layers above stop waiting
+      throw;
+    }
+  });
+  std::vector<Tensor> h_n, c_n;
+  for (const ForwardPlan& f : plans) {
+    const ForwardResult r = forward_result<Cell>(f);
+    h_n.push_back(r.h_n);
+    c_n.push_back(r.c_n);
+  }
+  return {plans.back().y, at::stack(h_n), Cell::kCarriesCell ? at::stack(c_n) : at::empty({0}, x.options())};
+}
+
+template <class Backend>
+std::tuple<Tensor, Tensor, Tensor> stack_inference(const Tensor& x, const Tensor& h0, const OptTensor& c0,
+                                                   at::TensorList weights, bool has_biases, bool has_projections,
+                                                   const OptTensor& batch_sizes, c10::string_view mode) {
+  const std::string_view m(mode.data(), mode.size());
+  TORCH_CHECK(m == "LSTM" || m == "GRU" || m == "RNN_TANH" || m == "RNN_RELU", kStackOp,
+              ": mode must be LSTM, GRU, RNN_TANH or RNN_RELU, but got '", m, "'");
+  TORCH_CHECK(m == "LSTM" || !has_projections, kStackOp, ": only the LSTM has projections");
+  auto run = [&](auto cell) {
+    return stack_forward<Backend, decltype(cell)>(x, h0, c0, weights, has_biases, has_projections, batch_sizes);
+  };
+  return m == "LSTM" ? run(LstmCell{}) : with_cell(mode, run);
 }
 
 }  // namespace lstm_ext

@@ -48,6 +48,13 @@ TORCH_LIBRARY(lstm_ext, m) {
       "rnn_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, "
       "Tensor? batch_sizes, bool reverse, str mode, Tensor y, Tensor saved, bool[3] output_mask) "
       "-> (Tensor dx, Tensor dh0, Tensor dw_ih, Tensor dw_hh, Tensor db_ih, Tensor db_hh)");
+  // Inference through a stack of single-direction layers without dropout, by mode ("LSTM"
+  // or an RNN mode): h0 (L, N, P), c0 (L, N, H) for the LSTM, and per layer w_ih, w_hh,
+  // [b_ih, b_hh,] [w_hr]. Returns the last layer's y, and h_n, c_n (L, N, *); c_n is
+  // empty without a cell state. On CPU the layers overlap in time (a wavefront).
+  m.def(
+      "stack_inference(Tensor x, Tensor h0, Tensor? c0, Tensor[] weights, bool has_biases, "
+      "bool has_projections, Tensor? batch_sizes, str mode) -> (Tensor y, Tensor h_n, Tensor c_n)");
 }
 
 namespace {
@@ -61,6 +68,7 @@ constexpr char kBackward[] = "lstm_ext::lstm_backward";
 constexpr char kRnnForward[] = "lstm_ext::rnn_forward";
 constexpr char kRnnInference[] = "lstm_ext::rnn_inference";
 constexpr char kRnnBackward[] = "lstm_ext::rnn_backward";
+constexpr char kStackInference[] = "lstm_ext::stack_inference";
 
 using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using InferenceResult = std::tuple<Tensor, Tensor, Tensor>;
@@ -80,6 +88,9 @@ using RnnForwardSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, co
 using RnnInferenceSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                          const OptTensor&, const OptTensor&, const OptTensor&, bool,
                                                          c10::string_view);
+using StackInferenceSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
+                                                                   at::TensorList, bool, bool, const OptTensor&,
+                                                                   c10::string_view);
 using RnnBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const OptTensor&, bool, c10::string_view, const Tensor&, const Tensor&, std::array<bool, 3>);
@@ -117,9 +128,15 @@ inline bool needs_derivative(const Tensor& t, bool reverse_mode) {
 inline bool needs_derivative(const OptTensor& t, bool reverse_mode) {
   return t.has_value() && needs_derivative(*t, reverse_mode);
 }
+inline bool needs_derivative(at::TensorList ts, bool reverse_mode) {
+  for (const Tensor& t : ts) {
+    if (needs_derivative(t, reverse_mode)) return true;
+  }
+  return false;
+}
 template <class T>
 inline bool needs_derivative(const T&, bool) {
-  return false;  // bools, bool[3]
+  return false;  // bools, bool[3], strings
 }
 
 // Refuses inputs that need a derivative the op does not have, then runs the op below
@@ -147,6 +164,7 @@ TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
   m.impl("lstm_backward", &RefuseDerivatives<kBackward, true, BackwardSignature>::call);
   m.impl("rnn_inference", &RefuseDerivatives<kRnnInference, true, RnnInferenceSignature>::call);
   m.impl("rnn_backward", &RefuseDerivatives<kRnnBackward, true, RnnBackwardSignature>::call);
+  m.impl("stack_inference", &RefuseDerivatives<kStackInference, true, StackInferenceSignature>::call);
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, ADInplaceOrView, m) {

@@ -9,6 +9,8 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <thread>
 
 #include "backend_api.h"
 #include "layer_geometry.h"
@@ -38,9 +40,35 @@ struct ForwardState {
   int64_t block_steps;  // steps per input-projection GEMM: T when per_step
 };
 
+// How far a layer's forward has got: the steps done, in processing order. A layer
+// stacked on it and running at the same time on another thread (stack_inference's
+// wavefront) waits on it before reading each block of its input.
+class LayerProgress {
+ public:
+  void publish(int64_t steps) { steps_.store(steps, std::memory_order_release); }
+  void fail() { steps_.store(kFailed, std::memory_order_release); }
+  // Waits until `steps` steps are done: true then, false if the layer failed instead.
+  bool wait_for(int64_t steps) const {
+    for (int64_t spins = 0;; ++spins) {
+      const int64_t done = steps_.load(std::memory_order_acquire);
+      if (done == kFailed) return false;
+      if (done >= steps) return true;
+      // A step takes microseconds: spin briefly, then leave the core to others.
+      if (spins > 1000) std::this_thread::yield();
+    }
+  }
+
+ private:
+  static constexpr int64_t kFailed = -1;
+  std::atomic<int64_t> steps_{0};
+};
+
+// `input`: the progress of the layer whose output x is, when it is still running (it
+// must run in the same direction); `output`: this layer's, published after each step.
 template <class Backend, class Cell, typename scalar_t>
 void forward_time_loop(const LayerDims& d, const Schedule& sc, const ForwardData<scalar_t>& p,
-                       const ForwardState<scalar_t>& st) {
+                       const ForwardState<scalar_t>& st, const LayerProgress* input = nullptr,
+                       LayerProgress* output = nullptr) {
   const int64_t G = Cell::kGates * d.H, W = Cell::kSaved * d.H;
   // The (rows, H) cells and hidden of the step at sequence row `row0`: inference keeps one.
   auto state_at = [&](scalar_t* base, int64_t row0) { return base + (st.per_step ? row0 * d.H : 0); };
@@ -62,10 +90,17 @@ void forward_time_loop(const LayerDims& d, const Schedule& sc, const ForwardData
     const int64_t t_lo = d.reverse ? d.T - s0 - n : s0;
     const int64_t row_lo = sc.offset[t_lo], row_hi = sc.offset[t_lo + n];
     scalar_t* saved_block = st.saved + (st.per_step ? row_lo * W : 0);
+    if (input != nullptr && !input->wait_for(s0 + n)) {
+      if (output != nullptr) output->fail();  // the error is the input layer's, raised by the op
+      return;
+    }
     Backend::gemm(row_hi - row_lo, p.x + row_lo * d.I, d.I, w_ih_t, 0, saved_block, W);
     for (int64_t k = s0; k < s0 + n; ++k) {
       const Step& s = sc.steps[k];
-      if (s.rows == 0) continue;
+      if (s.rows == 0) {
+        if (output != nullptr) output->publish(k + 1);
+        continue;
+      }
       scalar_t* saved = saved_block + (s.row0 - row_lo) * W;
       scalar_t* recurrent = Cell::kSeparateRecurrent ? st.recurrent : saved;
       if (s.n_carry > 0) {
@@ -90,6 +125,7 @@ void forward_time_loop(const LayerDims& d, const Schedule& sc, const ForwardData
       if (d.projected) {
         Backend::gemm(s.rows, h_t, d.H, w_hr_t, 0, y_t, d.P);
       }
+      if (output != nullptr) output->publish(k + 1);
     }
   }
 }

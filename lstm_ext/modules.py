@@ -286,6 +286,9 @@ class RNNBase(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Stack all layers over time-first ``x`` (T, N, I), or packed data (R, I) with
         ``batch_sizes``; each state in hx is (L*D, N, *)."""
+        stacked = self._stack_inference(x, hx, batch_sizes)
+        if stacked is not None:
+            return stacked
         directions = (False, True) if self.bidirectional else (False,)
         finals: list[tuple[Tensor, ...]] = []
         for layer in range(self.num_layers):
@@ -305,6 +308,37 @@ class RNNBase(nn.Module):
                 finals.append(state)
             x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
         return x, tuple(torch.stack(parts) for parts in zip(*finals))
+
+    def _stack_inference(
+        self, x: Tensor, hx: tuple[Tensor, ...], batch_sizes: Optional[Tensor]
+    ) -> Optional[tuple[Tensor, tuple[Tensor, ...]]]:
+        """All layers in one ``stack_inference`` op, where it serves: a CPU float32/float64
+        stack of single-direction layers, without dropout in effect, needing no gradient
+        and no autocast. There the layers overlap in time on the threads (a wavefront);
+        elsewhere None, and the layers run one call each."""
+        if (
+            self.bidirectional
+            or self.num_layers < 2
+            or (self.dropout > 0 and self.training)
+            or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64)
+            or self.hidden_size == 0
+            or _autocasting(x)
+        ):
+            return None
+        weights = [
+            w for layer in range(self.num_layers) for w in self._layer_weights(layer, False) if w is not None
+        ]
+        tensors = (x, *hx, *weights)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return None
+        if functional._needs_reference(tensors):
+            return None
+        c0 = hx[1] if len(hx) > 1 else None
+        y, h_n, c_n = torch.ops.lstm_ext.stack_inference(
+            x, hx[0], c0, weights, self.bias, self.proj_size > 0, batch_sizes, self.mode
+        )
+        return y, (h_n, c_n) if c0 is not None else (h_n,)
 
     def _forward(self, input: Union[Tensor, PackedSequence], hx: Any) -> tuple[Any, Any]:
         if isinstance(input, PackedSequence):

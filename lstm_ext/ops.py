@@ -5,7 +5,8 @@ torch's mode string); their backwards are the ``lstm_backward`` and ``rnn_backwa
 When a backward is itself recorded for differentiation (``create_graph=True``),
 gradients are instead taken through the plain-PyTorch reference layer, so second
 derivatives are exact. ``lstm_inference`` and ``rnn_inference`` are the same layers
-without autograd, for calls that need no gradient.
+without autograd, for calls that need no gradient; ``stack_inference`` runs a whole stack
+of single-direction layers that way.
 """
 from __future__ import annotations
 
@@ -220,3 +221,17 @@ def _rnn_backward(ctx, grad_y, grad_h_n, *_saved_grad):
 torch.library.register_autograd(
     "lstm_ext::rnn_forward", _rnn_backward, setup_context=_rnn_setup_context
 )
+
+
+@torch.library.register_fake("lstm_ext::stack_inference")
+def _stack_inference_fake(x, h0, c0, weights, has_biases, has_projections, batch_sizes, mode):
+    if mode != "LSTM" and mode not in _RNN_SAVED:
+        raise RuntimeError(
+            f"lstm_ext.stack_inference: mode must be LSTM, GRU, RNN_TANH or RNN_RELU, but got '{mode}'"
+        )
+    _check_devices(
+        x, {**dict(h0=h0, c0=c0), **{f"weights[{i}]": w for i, w in enumerate(weights)}}, batch_sizes,
+        "lstm_ext.stack_inference",
+    )
+    c_n = x.new_empty(c0.shape) if c0 is not None else x.new_empty(0)
+    return x.new_empty(*x.shape[:-1], h0.shape[-1]), x.new_empty(h0.shape), c_n
