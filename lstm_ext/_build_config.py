@@ -8,13 +8,16 @@ import importlib.util
 import os
 from pathlib import Path
 
-# The CPU backend, csrc/cpu/lstm_cpu.cpp, is not a source of its own: kernels_default.cpp
-# and kernels_avx2.cpp compile it once per instruction set, and dispatch.cpp picks one at
-# run time (csrc/cpu/kernels_prologue.h).
-CPU_SOURCES = ["lstm_ops.cpp", "cpu/dispatch.cpp", "cpu/kernels_default.cpp", "cpu/kernels_avx2.cpp"]
+# The CPU backend, csrc/cpu/lstm_cpu.cpp, is not a source of its own: kernels_default.cpp,
+# kernels_avx2.cpp and kernels_avx512.cpp compile it once per instruction set, and
+# dispatch.cpp picks one at run time (csrc/cpu/kernels_prologue.h).
+CPU_SOURCES = [
+    "lstm_ops.cpp", "cpu/dispatch.cpp", "cpu/kernels_default.cpp", "cpu/kernels_avx2.cpp", "cpu/kernels_avx512.cpp",
+]
 CUDA_SOURCES = ["cuda/lstm_cuda.cu"]
 # No instruction-set flag (-mavx2, -march): the build runs on every CPU of its
-# architecture, whichever machine built it; only kernels_avx2.cpp's code is AVX2.
+# architecture, whichever machine built it; only kernels_avx2.cpp's and kernels_avx512.cpp's
+# code is AVX2 or AVX-512.
 # -fopenmp: without it at::parallel_for (inlined from ATen's headers) compiles to a serial
 # loop. Only compiled with it, not linked: the GOMP symbols then resolve through
 # libtorch_cpu to the OpenMP runtime torch itself uses, so there is one thread pool.

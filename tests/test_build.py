@@ -52,10 +52,11 @@ def _loaded_extension() -> Path:
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists() or os.uname().machine != "x86_64", reason="x86-64 Linux")
-def test_avx2_code_only_in_the_avx2_kernels():
-    """Every function of the library with a VEX-encoded (AVX) instruction is of the AVX2
-    compilation (lstm_ext_avx2::, ATen's at::vec::AVX2::), and the AVX2 kernels use ymm
-    registers: no AVX2 copy of a shared inline function can reach the portable path."""
+def test_vector_code_only_in_the_vector_kernels():
+    """Every function of the library with a VEX- or EVEX-encoded (AVX, AVX-512) instruction
+    is of the AVX2 or AVX-512 compilation (lstm_ext_avx2::, lstm_ext_avx512::, ATen's
+    at::vec::AVX2:: and ::AVX512::), and their microkernels use ymm and zmm registers: no
+    vector copy of a shared inline function can reach the portable path."""
     import shutil
     import subprocess
 
@@ -63,7 +64,7 @@ def test_avx2_code_only_in_the_avx2_kernels():
         pytest.skip("needs objdump (binutils)")
     asm = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(_loaded_extension())],
                          capture_output=True, text=True, check=True).stdout
-    vex, ymm, name = set(), set(), None
+    vex, ymm, zmm, name = set(), set(), set(), None
     for line in asm.splitlines():
         if m := re.match(r"^[0-9a-f]+ <(.*)>:$", line):
             name = m.group(1)
@@ -73,6 +74,11 @@ def test_avx2_code_only_in_the_avx2_kernels():
                 vex.add(name)
             if "%ymm" in instruction:
                 ymm.add(name)
-    outside = sorted(n for n in vex if "lstm_ext_avx2::" not in n and "::AVX2::" not in n)
+            if "%zmm" in instruction:
+                zmm.add(name)
+    vector_namespaces = ("lstm_ext_avx2::", "::AVX2::", "lstm_ext_avx512::", "::AVX512::")
+    outside = sorted(n for n in vex if not any(ns in n for ns in vector_namespaces))
     assert not outside, outside[:10]
     assert any("lstm_ext_avx2::lstm_ext::packed_gemm_detail::microkernel<float" in n for n in ymm)
+    assert any("lstm_ext_avx512::lstm_ext::packed_gemm_detail::microkernel<float" in n for n in zmm)
+    assert not any("lstm_ext_avx2::" in n for n in zmm)

@@ -23,8 +23,22 @@ def test_default_kernels_match_nn_lstm(child_env):
     assert capability(proc.stdout) == "default"
 
 
-def avx2_cpu() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+ORDER = ["default", "avx2", "avx512"]
+
+
+def best_capability(at_most: str = "avx512") -> str:
+    """The kernels lstm_ext runs here when allowed up to ``at_most``: ATen's choice."""
+    aten = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "default")
+    return ORDER[min(ORDER.index(aten), ORDER.index(at_most))]
+
+
+@pytest.mark.parametrize("capability_name", ["avx2", "avx512"])
+def test_vector_kernels_match_nn_lstm(capability_name, child_env):
+    # As above, on each vector instruction set (where the CPU has it: else the best it has).
+    proc = run_child({"LSTM_EXT_CPU_CAPABILITY": capability_name, "CHILD_DTYPES": "float32,float64,bfloat16"},
+                     child_env)
+    assert proc.returncode == 0, proc.stderr
+    assert capability(proc.stdout) == best_capability(capability_name)
 
 
 @pytest.mark.parametrize(
@@ -32,12 +46,12 @@ def avx2_cpu() -> bool:
     [
         ({"LSTM_EXT_CPU_CAPABILITY": "avx2"}, "avx2"),
         ({"ATEN_CPU_CAPABILITY": "default"}, "default"),  # lstm_ext follows ATen's choice
-        ({"LSTM_EXT_CPU_CAPABILITY": "fastest"}, "avx2"),  # ignored with a warning, like ATen
+        ({"ATEN_CPU_CAPABILITY": "avx2"}, "avx2"),
+        ({"LSTM_EXT_CPU_CAPABILITY": "fastest"}, "avx512"),  # ignored with a warning, like ATen
     ],
 )
 def test_capability_choice(env, expected, child_env):
-    if expected == "avx2" and not avx2_cpu():
-        expected = "default"  # no AVX2 here: never chosen, even when asked for
+    expected = best_capability(expected)  # never one the CPU lacks, even when asked for
     proc = run_child(dict(env, CHILD_DTYPES="float32"), child_env)
     assert proc.returncode == 0, proc.stderr
     assert capability(proc.stdout) == expected
@@ -46,5 +60,4 @@ def test_capability_choice(env, expected, child_env):
 
 
 def test_capability_by_default_follows_aten():
-    expected = "avx2" if avx2_cpu() else "default"
-    assert torch.ops.lstm_ext.cpu_capability() == expected
+    assert torch.ops.lstm_ext.cpu_capability() == best_capability()

@@ -1,5 +1,7 @@
-// Included first by kernels_default.cpp and kernels_avx2.cpp, each of which then compiles
-// the CPU backend (lstm_cpu.cpp and the headers it includes) for one instruction set.
+// Included first by kernels_default.cpp, kernels_avx2.cpp and kernels_avx512.cpp, each of
+// which then compiles the CPU backend (lstm_cpu.cpp and the headers it includes) for one
+// instruction set. What follows says AVX2; kernels_avx512.cpp does the same for AVX-512
+// (lstm_ext_avx512::, at::vec::AVX512, CPU_CAPABILITY_AVX512).
 //
 // How the AVX2 copy gets AVX2 code, and why the two copies cannot mix (ODR)
 // --------------------------------------------------------------------------
@@ -32,7 +34,7 @@
 //    fail to compile: a new external #include of lstm_cpu.cpp or of its headers belongs
 //    here too (the build says so loudly, it cannot pass silently).
 // tests/test_build.py checks the built library: every function with a VEX-encoded (AVX)
-// instruction is in an AVX2 namespace, and some there use ymm registers.
+// instruction is in an AVX2 or AVX-512 namespace, and their microkernels use ymm and zmm.
 //
 // Note: under the pragma GCC (C++) does not define __AVX2__; the code tests
 // CPU_CAPABILITY_AVX2, as ATen's vector headers do.
@@ -74,6 +76,6 @@
 
 #include "capability.h"
 
-#if defined(CPU_CAPABILITY) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY) || defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #error "CPU_CAPABILITY is set by each wrapper (kernels_*.cpp), not by the build"
 #endif

@@ -107,7 +107,7 @@ def describe_machine(device: torch.device) -> dict[str, Any]:
         # The CPU GEMM each role of lstm_ext's layer ran, per shape (empty on CUDA): called
         # after the runs, since the choices are made on first use.
         "gemm": _lstm_ext_report("gemm_choices").splitlines(),
-        # The instruction set of lstm_ext's CPU kernels, chosen when it loads: default or avx2.
+        # The instruction set of lstm_ext's CPU kernels, chosen when it loads: default, avx2 or avx512.
         "cpu_kernels": _lstm_ext_report("cpu_capability") or None,
     }
 
