@@ -311,7 +311,9 @@ std::tuple<Tensor, Tensor, Tensor> stack_forward(const Tensor& x, const Tensor& 
     const Tensor& w_hh = weights[l * per_layer + 1];
     step_flops = std::max(step_flops, 2 * h0.size(1) * w_hh.numel());
   }
-  const bool overlap = Backend::overlap_layers(layers, step_flops);
+  // A one-step call (generation) has nothing to overlap.
+  const int64_t steps = batch_sizes ? batch_sizes->numel() : x.dim() > 0 ? x.size(0) : 0;
+  const bool overlap = steps > 1 && Backend::overlap_layers(layers, step_flops);
   // Every check and allocation comes first, so that running cannot fail halfway.
   std::vector<ForwardPlan> plans;
   plans.reserve(layers);
