@@ -29,36 +29,22 @@
 namespace lstm_ext {
 
 inline at::vec::Vectorized<float> vec_exp(const at::vec::Vectorized<float>& x) {
-#if defined(CPU_CAPABILITY_AVX2)
-  // max/min return their second operand when either is NaN: x goes second.
-  const __m256 v = _mm256_min_ps(_mm256_set1_ps(88.3f), _mm256_max_ps(_mm256_set1_ps(-87.3f), x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.3814601115882397e-03f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.368710987269878e-03f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166838899254799e-02f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666652113199234e-01f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.999999403953552e-01f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
-#elif defined(CPU_CAPABILITY_AVX512)
-  // The AVX2 code above, step for step, on 16 lanes.
-  const __m512 v = _mm512_min_ps(_mm512_set1_ps(88.3f), _mm512_max_ps(_mm512_set1_ps(-87.3f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.3814601115882397e-03f);
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  using Vec = at::vec::Vectorized<float>;
+  using IntVec = at::vec::Vectorized<int32_t>;
+  // clamp is min(hi, max(lo, x)): max and min return their second operand when either is
+  // NaN, so NaN passes.
+  const Vec v = at::vec::clamp(x, Vec(-87.3f), Vec(88.3f));
+  const Vec n = (v * Vec(1.44269504088896341f)).round();  // to nearest
+  Vec r = at::vec::fmadd(n, Vec(-0.693359375f), v);
+  r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
+  Vec p(1.3814601115882397e-03f);
   for (const float c : {8.368710987269878e-03f, 4.166838899254799e-02f, 1.666652113199234e-01f,
                         4.999999403953552e-01f, 1.f, 1.f}) {
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    p = at::vec::fmadd(p, r, Vec(c));
   }
-  const __m512i two_n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(two_n));
+  const IntVec two_n = (at::vec::convert_to_int_of_same_size(n) + IntVec(127)) << IntVec(23);
+  return p * at::vec::cast<float>(two_n);
 #else
   return x.exp();
 #endif
