@@ -191,7 +191,7 @@ struct CpuBackend {
   // Whether the layers of a stack run at once, one per thread (layer_ops.h's
   // stack_forward), given the flops of a step's recurrent GEMM. Only where a step is too
   // small to split well between threads: at B=8 H=64 on 2 cores of an AMD EPYC a 2-layer
-  // LSTM took 0.75 ms so against 0.95 ms a layer at a time, while at B=4 H=512 (weights
+  // LSTM took 0.75 ms against 0.95 ms a layer at a time, while at B=4 H=512 (weights
   // that no longer fit a core's L2) it took 36 ms against 30 ms, and at 4-33 Mflop per
   // step the two were within noise. Only where each thread gets as many layers, and with
   // OpenMP, whose threads of a parallel region all run at once (a task pool could queue a
