@@ -56,7 +56,7 @@ struct ForwardPlan {
 // for_backward: keep what the backward needs (saved, cells, hidden); otherwise the
 // forward keeps only one step of them. block_steps: at most this many steps per
 // input-projection GEMM of inference (0: no limit but the cache's).
-template <class Backend, class Cell>
+template <class Cell>
 ForwardPlan plan_forward(const LayerArgs& in, bool for_backward, const char* op, int64_t block_steps = 0) {
   ForwardPlan f;
   f.d = check_layer_inputs(in, Cell::kGates, op);
@@ -118,7 +118,7 @@ ForwardResult forward_result(const ForwardPlan& f) {
 template <class Backend, class Cell>
 ForwardResult layer_forward(const LayerArgs& in, bool for_backward, const char* op) {
   const typename Backend::DeviceGuard guard(in.x.device());
-  const ForwardPlan f = plan_forward<Backend, Cell>(in, for_backward, op);
+  const ForwardPlan f = plan_forward<Cell>(in, for_backward, op);
   run_forward<Backend, Cell>(f);
   return forward_result<Cell>(f);
 }
@@ -331,8 +331,8 @@ std::tuple<Tensor, Tensor, Tensor> stack_forward(const Tensor& x, const Tensor& 
                          false};
     // A layer reading another as it runs waits for each block of its input steps: small
     // blocks keep the wavefront's lag, and the time a thread idles at its start, short.
-    const int64_t block_steps = overlap && l > 0 ? std::max<int64_t>(1, plans[0].d.T / 16) : 0;
-    plans.push_back(plan_forward<Backend, Cell>(args, false, kStackOp, block_steps));
+    const int64_t block_steps = overlap && l > 0 ? std::max<int64_t>(1, steps / 16) : 0;
+    plans.push_back(plan_forward<Cell>(args, false, kStackOp, block_steps));
   }
   std::unique_ptr<LayerProgress[]> progress(new LayerProgress[layers]);
   Backend::for_each_layer(layers, overlap, [&](int64_t l) {

@@ -1,4 +1,4 @@
-"""Checks shared by the op tests of every cell."""
+"""Checks shared by the op and module tests of every cell."""
 from __future__ import annotations
 
 import torch
@@ -16,3 +16,18 @@ def assert_recorded_backward_is_fused_backward(f, inputs: list[torch.Tensor]) ->
     assert all(r.requires_grad for r in recorded)  # it took the differentiable path
     for got, want in zip(recorded, fused):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def assert_compiled_step_matches(model, compiled, x: torch.Tensor, close) -> None:
+    """A backward of ``compiled(x)`` (a scalar loss) gives the eager ``model``'s loss and
+    parameter gradients, compared by the test file's ``close`` at float32 tolerance."""
+    model.zero_grad()
+    expected = model(x)
+    expected.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    got = compiled(x)
+    got.backward()
+    close(got, expected, torch.float32)
+    for name, param in model.named_parameters():
+        close(param.grad, grads[name], torch.float32, name)

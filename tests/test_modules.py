@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
+from autograd_checks import assert_compiled_step_matches
 from lstm_ext.modules import LSTM, LSTMCell
 
 # Relative tolerance; absolute errors are allowed up to the same fraction of the
@@ -554,17 +555,7 @@ def test_lstm_compile_fullgraph(backend):
     model = _Tagger()
     compiled = torch.compile(model, backend=backend, fullgraph=True)  # fails on a graph break
     for steps in (T, T + 3):  # the second length recompiles with a dynamic one
-        x = torch.randn(N, steps, I)
-        model.zero_grad()
-        expected = model(x)
-        expected.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        model.zero_grad()
-        got = compiled(x)
-        got.backward()
-        close(got, expected, torch.float32)
-        for name, param in model.named_parameters():
-            close(param.grad, grads[name], torch.float32, name)
+        assert_compiled_step_matches(model, compiled, torch.randn(N, steps, I), close)
 
 
 def test_lstm_compile_fullgraph_no_grad():

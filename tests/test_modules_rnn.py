@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
+from autograd_checks import assert_compiled_step_matches
 from lstm_ext.modules import GRU, RNN, GRUCell, RNNCell
 
 # Relative tolerance; absolute errors are allowed up to the same fraction of the
@@ -526,16 +527,7 @@ def test_compile_fullgraph(kind):
     torch._dynamo.reset()
     model = _Tagger(kind)
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fails on a graph break
-    x = torch.randn(N, T, I)
-    expected = model(x)
-    expected.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    got = compiled(x)
-    got.backward()
-    close(got, expected, torch.float32)
-    for name, param in model.named_parameters():
-        close(param.grad, grads[name], torch.float32, name)
+    assert_compiled_step_matches(model, compiled, torch.randn(N, T, I), close)
 
 
 @cell_kinds
