@@ -11,6 +11,7 @@
 
 #include "../cells.h"
 #include "../layer_ops.h"
+#include "dot_gemm.h"
 #include "gemm_select.h"
 #include "packed_gemm.h"
 #include "vec_math.h"
@@ -178,6 +179,9 @@ struct CpuBackend {
   static void gemm(int64_t m, const scalar_t* a, int64_t lda, const WeightOperand<scalar_t>& op, float beta,
                    scalar_t* c, int64_t ldc) {
     if (m == 0 || op.n() == 0) return;
+    if constexpr (kPackable<scalar_t>) {
+      if (op.transposed && m <= kMaxDotRows) return dot_gemm(m, a, lda, op, beta, c, ldc);
+    }
     // Row-major C = A op(W) is column-major C^T = op(W)^T A^T, and the row-major W read
     // column-major is W^T.
     if (op.k() > 0 &&
