@@ -26,7 +26,10 @@ struct WeightOperand {
 };
 
 // The GEMMs of a layer that multiply by a prepared weight.
-enum class GemmRole { kInputProjection, kRecurrent, kProjection, kRecurrentGrad, kProjectionGrad, kInputGrad };
+enum class GemmRole {
+  kInputProjection, kRecurrent, kProjection, kRecurrentGrad, kProjectionGrad, kInputGrad,
+  kWeightGrad,  // dg^T a over all steps (weight_grad): not a prepared weight
+};
 
 // What a prepared weight serves: the GEMMs of `role` over `steps` steps of the sequence,
 // all or most of them (packed sequences: the steps of the longest) with `rows` rows.

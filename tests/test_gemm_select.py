@@ -1,5 +1,6 @@
 """Each GEMM implementation the CPU backend can pick (csrc/cpu/gemm_select.h), forced through
-LSTM_EXT_GEMM, against nn.LSTM; and the fallback when torch lacks MKL's packed GEMM.
+LSTM_EXT_GEMM, against nn.LSTM; and the fallbacks when torch lacks MKL's packed GEMM or
+oneDNN's matmul, or the user turned oneDNN off.
 
 The choice is read once per process, so every case runs in a child python.
 """
@@ -28,6 +29,7 @@ I, H, P, T = 12, 20, 9, 10
 lengths = [10, 10, 9, 7, 4, 2, 1]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 5e-2}
 DTYPES = [getattr(torch, name) for name in os.environ.get("CHILD_DTYPES", "float32,float64").split(",")]
+torch.backends.mkldnn.enabled = os.environ.get("CHILD_MKLDNN", "1") == "1"
 
 
 def close(got, expected, dtype, what):
@@ -76,35 +78,54 @@ def run_child(env_update: dict[str, str], child_env: dict[str, str]) -> subproce
     return subprocess.run([sys.executable, "-c", CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def float32_choices(out: str) -> list[str]:
+def float32_choices(out: str, role: str = "") -> list[str]:
+    """The float32 lines of the choices report: of weight gradients with role "weight", of the
+    other GEMMs (against a prepared weight) with role "prepared", of all by default."""
     lines = [line for line in out.splitlines() if " float32 " in line]
+    if role:
+        lines = [line for line in lines if line.startswith("weight gradient ") == (role == "weight")]
     assert lines, out
     return lines
+
+
+# LSTM_EXT_GEMM -> (the prepared weights' implementation, the weight gradients').
+FORCED = {None: ("microkernel", "onednn"), "microkernel": ("microkernel", "onednn"), "mkl": ("mkl", "blas")}
 
 
 @pytest.mark.parametrize("mode", ["auto", "mkl", "microkernel", None])
 def test_forced_gemm_matches_nn_lstm(mode, child_env):
     proc = run_child({} if mode is None else {"LSTM_EXT_GEMM": mode}, child_env)
     assert proc.returncode == 0, proc.stderr
-    choices = float32_choices(proc.stdout)
-    # float64 has no MKL packed GEMM: the microkernel always.
+    # float64 has no MKL packed GEMM and no oneDNN matmul: the microkernel and the BLAS always.
     assert all(line.endswith("microkernel (no MKL packed GEMM for this dtype)")
                for line in proc.stdout.splitlines() if " float64 " in line), proc.stdout
-    if any("MKL packed GEMM unavailable" in line for line in choices):
-        pytest.skip("this torch exports no MKL packed GEMM: every mode runs the microkernel")
     if mode == "auto":
-        assert all("(timed: " in line for line in choices), proc.stdout
-    elif mode is None:  # deterministic by default: the microkernel
-        assert all(line.endswith(": microkernel (default)") for line in choices), proc.stdout
-    else:
-        assert all(line.endswith(f": {mode} (LSTM_EXT_GEMM)") for line in choices), proc.stdout
+        assert all("(timed: " in line or "unavailable)" in line for line in float32_choices(proc.stdout)), proc.stdout
+        return
+    prepared, weight = FORCED[mode]
+    why = "default" if mode is None else "LSTM_EXT_GEMM"
+    if not any("MKL packed GEMM unavailable" in line for line in float32_choices(proc.stdout, "prepared")):
+        assert all(line.endswith(f": {prepared} ({why})") for line in float32_choices(proc.stdout, "prepared")), proc.stdout
+    if not any("oneDNN matmul unavailable" in line for line in float32_choices(proc.stdout, "weight")):
+        assert all(line.endswith(f": {weight} ({why})") for line in float32_choices(proc.stdout, "weight")), proc.stdout
 
 
 @pytest.mark.parametrize("mode", ["auto", "mkl"])
 def test_without_mkl_falls_back_to_microkernel(mode, child_env):
     proc = run_child({"LSTM_EXT_GEMM": mode, "LSTM_EXT_GEMM_DISABLE_MKL": "1"}, child_env)
     assert proc.returncode == 0, proc.stderr
-    assert all(line.endswith("microkernel (MKL packed GEMM unavailable)") for line in float32_choices(proc.stdout))
+    assert all(line.endswith("microkernel (MKL packed GEMM unavailable)")
+               for line in float32_choices(proc.stdout, "prepared")), proc.stdout
+
+
+@pytest.mark.parametrize("mode", ["auto", "microkernel"])
+@pytest.mark.parametrize("how", ["missing", "turned_off"])
+def test_without_onednn_weight_gradients_run_on_blas(how, mode, child_env):
+    off = {"LSTM_EXT_GEMM_DISABLE_ONEDNN": "1"} if how == "missing" else {"CHILD_MKLDNN": "0"}
+    proc = run_child({"LSTM_EXT_GEMM": mode, **off}, child_env)
+    assert proc.returncode == 0, proc.stderr
+    assert all(line.endswith("blas (oneDNN matmul unavailable)")
+               for line in float32_choices(proc.stdout, "weight")), proc.stdout
 
 
 def test_unknown_gemm_mode_is_an_error(child_env):

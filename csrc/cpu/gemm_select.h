@@ -1,22 +1,32 @@
-// Run-time choice, per GEMM of the layer, between packed_gemm's microkernel and MKL's
-// packed GEMM (cblas_sgemm_pack/compute, exported by torch's libtorch_cpu when torch is
-// built with MKL). Neither wins everywhere: issue 10 reports MKL's packed GEMM at 2-2.7x
-// the microkernel's rate on the per-step shapes of an Intel Xeon with AMX; on an AMD EPYC
-// with AVX-512 the microkernel ran them 1.4-2x faster than MKL (large input projections
-// and dx within +-10%).
-//   LSTM_EXT_GEMM=microkernel (the default) or mkl picks one for every float32 GEMM;
-//   LSTM_EXT_GEMM=auto times both once for the first weight prepared for a (role, m, n,
-//     k, dtype, threads) and keeps the faster for the process, like cuDNN's algorithm
+// Run-time choice of the library behind each float32 GEMM of a layer.
+//  * The GEMMs against a prepared weight (input projection, per-step, dx): packed_gemm's
+//    microkernel or MKL's packed GEMM (cblas_sgemm_pack/compute, exported by torch's
+//    libtorch_cpu when torch is built with MKL). Neither wins everywhere: issue 10 reports
+//    MKL's packed GEMM at 2-2.7x the microkernel's rate on the per-step shapes of an Intel
+//    Xeon with AMX; on an AMD EPYC with AVX-512 the microkernel ran them 1.4-2x faster than
+//    MKL (large input projections and dx within +-10%).
+//  * The weight gradients (dg^T a over all steps, a long k): oneDNN's matmul as ATen runs
+//    it, on the strided operands as they are, or torch's BLAS (at::mm: MKL on x86 wheels).
+//    On an AMD EPYC Zen 4 oneDNN ran them 8-20% faster (k=3200-6400: 136-150 against
+//    150-180 GFLOP/s).
+//   LSTM_EXT_GEMM=microkernel (the default: the microkernel, weight gradients on oneDNN)
+//     or mkl (MKL for all of them) picks one family for every float32 GEMM;
+//   LSTM_EXT_GEMM=auto times both candidates once for the first GEMM of a (role, m, n, k,
+//     dtype, threads) and keeps the faster for the process, like cuDNN's algorithm
 //     search. Not the default: a timed choice can differ between runs (two candidates
 //     within noise), and with it the float32 rounding, so a resumed run would no longer
 //     repeat an uninterrupted one exactly.
-//   LSTM_EXT_GEMM_DISABLE_MKL=1 acts as a torch without MKL would, for tests.
-// Both variables are read once. MKL has no float64 packed GEMM in torch's exports:
-// float64 always runs the microkernel.
+//   LSTM_EXT_GEMM_DISABLE_MKL=1 and LSTM_EXT_GEMM_DISABLE_ONEDNN=1 act as a torch without
+//     MKL's packed GEMM or without oneDNN's matmul would, for tests.
+// The variables are read once. MKL has no float64 packed GEMM in torch's exports, oneDNN
+// no float64 matmul: float64 always runs the microkernel and the BLAS.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <c10/util/Exception.h>
+
+#include <atomic>
 
 #include <chrono>
 #include <climits>
@@ -42,7 +52,9 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
 
 namespace lstm_ext {
 
-enum class GemmImpl { kMicrokernel, kMkl };
+// The microkernel and MKL's packed GEMM serve prepared weights; oneDNN's matmul and the
+// BLAS, weight gradients.
+enum class GemmImpl { kMicrokernel, kMkl, kOneDnn, kBlas };
 
 namespace gemm_select_detail {
 
@@ -72,11 +84,20 @@ inline const char* role_name(GemmRole role) {
     case GemmRole::kRecurrentGrad: return "recurrent backward (dh)";
     case GemmRole::kProjectionGrad: return "projection backward";
     case GemmRole::kInputGrad: return "dx";
+    case GemmRole::kWeightGrad: return "weight gradient";
   }
   return "?";
 }
 
-inline const char* impl_name(GemmImpl impl) { return impl == GemmImpl::kMkl ? "mkl" : "microkernel"; }
+inline const char* impl_name(GemmImpl impl) {
+  switch (impl) {
+    case GemmImpl::kMicrokernel: return "microkernel";
+    case GemmImpl::kMkl: return "mkl";
+    case GemmImpl::kOneDnn: return "onednn";
+    case GemmImpl::kBlas: return "blas";
+  }
+  return "?";
+}
 
 // One choice of the process-wide table, and why it was made.
 struct Choice {
@@ -163,44 +184,146 @@ class MklPackedWeight {
   at::Tensor buffer_;
 };
 
-// The implementation for the GEMMs of `use` against w: the one LSTM_EXT_GEMM names (the
-// microkernel by default), or with "auto" the one timed faster for this (role, m, n, k,
-// dtype, threads) when first asked.
-template <typename scalar_t>
-GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
-  using namespace gemm_select_detail;
-  const Key key{use.role, use.rows, w.n(), w.k(), c10::CppTypeToScalarType<scalar_t>::value, at::get_num_threads()};
+namespace gemm_select_detail {
+
+// The two candidates of a GEMM: `first` runs under LSTM_EXT_GEMM=microkernel (the
+// default), `second` under LSTM_EXT_GEMM=mkl. `only` is set when just one of them can run
+// here, `why_only` says why.
+struct Candidates {
+  GemmImpl first, second;
+  std::optional<GemmImpl> only;
+  const char* why_only;
+};
+
+// The process-wide choice for `key`, made when first asked: the only candidate, the one
+// LSTM_EXT_GEMM names, or with "auto" the faster of the two calls timed (time_first and
+// time_second, on scratch data of the real shape).
+template <class TimeFirst, class TimeSecond>
+GemmImpl choose(const Key& key, const Candidates& c, const TimeFirst& time_first, const TimeSecond& time_second) {
   Table& t = table();
   {
     std::lock_guard<std::mutex> lock(t.mutex);
     if (auto it = t.choices.find(key); it != t.choices.end()) return it->second.impl;
   }
-  Choice choice{GemmImpl::kMicrokernel, ""};
-  const std::optional<GemmImpl> forced = forced_impl();
-  bool mkl_usable = false;
-  if constexpr (std::is_same_v<scalar_t, float>) mkl_usable = mkl_packed_gemm_available() && MklPackedWeight::fits(use.rows, w);
-  if (!mkl_usable) {
-    choice.reason = std::is_same_v<scalar_t, float> ? "MKL packed GEMM unavailable" : "no MKL packed GEMM for this dtype";
-  } else if (forced) {
+  Choice choice{c.first, ""};
+  if (c.only) {
+    choice = {*c.only, c.why_only};
+  } else if (const std::optional<GemmImpl> forced = forced_impl()) {
     const char* mode = std::getenv("LSTM_EXT_GEMM");
-    choice = {*forced, mode != nullptr && *mode != '\0' ? "LSTM_EXT_GEMM" : "default"};
-  } else if constexpr (std::is_same_v<scalar_t, float>) {
-    // Timed on the real weight and zero inputs of the real shape, into a scratch C.
-    const PackedWeight<float> micro(w);
-    const MklPackedWeight mkl(w, use.rows);
-    const at::Tensor a = at::zeros({use.rows, w.k()}), c = at::zeros({use.rows, w.n()});
-    const float* ap = a.data_ptr<float>();
-    float* cp = c.data_ptr<float>();
-    const auto [micro_s, mkl_s] = seconds_per_call(
-        [&] { packed_gemm(use.rows, ap, w.k(), micro, 1, cp, w.n()); },
-        [&] { mkl.compute(ap, w.k(), 1, cp, w.n()); });
+    choice = {*forced == GemmImpl::kMkl ? c.second : c.first, mode != nullptr && *mode != '\0' ? "LSTM_EXT_GEMM" : "default"};
+  } else {
+    const auto [first_s, second_s] = seconds_per_call(time_first, time_second);
     std::ostringstream why;
     why.precision(3);
-    why << "timed: microkernel " << micro_s * 1e6 << " us, mkl " << mkl_s * 1e6 << " us";
-    choice = {mkl_s < micro_s ? GemmImpl::kMkl : GemmImpl::kMicrokernel, why.str()};
+    why << "timed: " << impl_name(c.first) << ' ' << first_s * 1e6 << " us, " << impl_name(c.second) << ' '
+        << second_s * 1e6 << " us";
+    choice = {second_s < first_s ? c.second : c.first, why.str()};
   }
   std::lock_guard<std::mutex> lock(t.mutex);
   return t.choices.emplace(key, choice).first->second.impl;  // a concurrent first choice wins
+}
+
+}  // namespace gemm_select_detail
+
+// The implementation for the GEMMs of `use` against w: the microkernel or MKL's packed GEMM.
+template <typename scalar_t>
+GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
+  using namespace gemm_select_detail;
+  const Key key{use.role, use.rows, w.n(), w.k(), c10::CppTypeToScalarType<scalar_t>::value, at::get_num_threads()};
+  Candidates candidates{GemmImpl::kMicrokernel, GemmImpl::kMkl, std::nullopt, ""};
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    candidates.only = GemmImpl::kMicrokernel;
+    candidates.why_only = "no MKL packed GEMM for this dtype";
+    return choose(key, candidates, [] {}, [] {});
+  } else {
+    if (!mkl_packed_gemm_available() || !MklPackedWeight::fits(use.rows, w)) {
+      candidates.only = GemmImpl::kMicrokernel;
+      candidates.why_only = "MKL packed GEMM unavailable";
+    }
+    // Timed (with "auto" only) on the real weight and zero inputs, into a scratch C.
+    std::optional<PackedWeight<float>> micro;
+    std::optional<MklPackedWeight> mkl;
+    at::Tensor a, c;
+    auto setup = [&] {
+      if (micro) return;
+      micro.emplace(w);
+      mkl.emplace(w, use.rows);
+      a = at::zeros({use.rows, w.k()});
+      c = at::zeros({use.rows, w.n()});
+    };
+    return choose(
+        key, candidates,
+        [&] {
+          setup();
+          packed_gemm(use.rows, a.data_ptr<float>(), w.k(), *micro, 1, c.data_ptr<float>(), w.n());
+        },
+        [&] {
+          setup();
+          mkl->compute(a.data_ptr<float>(), w.k(), 1, c.data_ptr<float>(), w.n());
+        });
+  }
+}
+
+namespace gemm_select_detail {
+// Set once oneDNN's matmul has thrown (a torch whose mkldnn_matmul takes no float32):
+// the BLAS from then on.
+inline std::atomic<bool>& onednn_failed() {
+  static std::atomic<bool> failed{false};
+  return failed;
+}
+}  // namespace gemm_select_detail
+
+// Whether oneDNN's matmul can run now: linked, not disabled for a test, not failed, and
+// not turned off by the user (torch.backends.mkldnn.enabled = False).
+inline bool onednn_matmul_available() {
+  using namespace gemm_select_detail;
+  static const bool linked =
+      ::at::native::mkldnn_matmul != nullptr && !env_is("LSTM_EXT_GEMM_DISABLE_ONEDNN", "1");
+  return linked && !onednn_failed() && at::globalContext().userEnabledMkldnn();
+}
+
+// dg^T a, a float32 weight gradient over all steps (dg: k x m, a: k x n, both as strided
+// as they come), on oneDNN's matmul or the BLAS, as chosen for the shape.
+inline at::Tensor float_weight_grad(const at::Tensor& dg, const at::Tensor& a) {
+  using namespace gemm_select_detail;
+  const int64_t m = dg.size(1), n = a.size(1), k = dg.size(0);
+  if (m == 0 || n == 0 || k == 0) return at::mm(dg.t(), a);
+  auto onednn = [](const at::Tensor& dg_, const at::Tensor& a_, const at::Tensor& out) {
+    ::at::native::mkldnn_matmul(dg_.t(), a_, out, 0, 1);
+  };
+  try {
+    Candidates candidates{GemmImpl::kOneDnn, GemmImpl::kBlas, std::nullopt, ""};
+    if (!onednn_matmul_available()) {
+      candidates.only = GemmImpl::kBlas;
+      candidates.why_only = "oneDNN matmul unavailable";
+    }
+    at::Tensor scratch_dg, scratch_a, scratch_out;  // "auto" times zeros of the real shape
+    auto setup = [&] {
+      if (scratch_dg.defined()) return;
+      scratch_dg = at::zeros_like(dg);
+      scratch_a = at::zeros_like(a);
+      scratch_out = at::empty({m, n}, dg.options());
+    };
+    const Key key{GemmRole::kWeightGrad, m, n, k, at::kFloat, at::get_num_threads()};
+    const GemmImpl impl = choose(
+        key, candidates,
+        [&] {
+          setup();
+          onednn(scratch_dg, scratch_a, scratch_out);
+        },
+        [&] {
+          setup();
+          at::mm_out(scratch_out, scratch_dg.t(), scratch_a);
+        });
+    if (impl == GemmImpl::kOneDnn && onednn_matmul_available()) {
+      at::Tensor out = at::empty({m, n}, dg.options());
+      onednn(dg, a, out);
+      return out;
+    }
+  } catch (const c10::Error&) {
+    onednn_failed() = true;
+  }
+  return at::mm(dg.t(), a);
 }
 
 // The table, one line per choice: "role dtype m=.. n=.. k=.. threads=..: impl (reason)".

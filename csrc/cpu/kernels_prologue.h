@@ -76,6 +76,16 @@
 
 #include "capability.h"
 
+// oneDNN's matmul as ATen runs it (torch's own libtorch_cpu exports it; no installed header
+// declares it): result = alpha * mat1 mat2 + beta * result, any strides. Weak, so that a
+// torch without it (or with another signature) leaves it null and gemm_select.h uses
+// the BLAS instead. Declared here, outside the per-capability namespaces, so that it
+// names ATen's function.
+namespace at::native {
+TORCH_API void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
+                             float alpha) __attribute__((weak));
+}  // namespace at::native
+
 #if defined(CPU_CAPABILITY) || defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #error "CPU_CAPABILITY is set by each wrapper (kernels_*.cpp), not by the build"
 #endif
