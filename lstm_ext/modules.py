@@ -254,8 +254,10 @@ class RNNBase(nn.Module):
     # ---------------------------------------------------------------- shared forward
 
     def _check_param_device(self, x: Tensor) -> None:
-        for param in self.parameters():
-            if param.device != x.device:
+        # The module's own parameters (it has no submodules), without parameters()'s
+        # generators: this runs on every call, and generation makes a call per character.
+        for param in self._parameters.values():
+            if param is not None and param.device != x.device:
                 raise RuntimeError(
                     "Input and parameter tensors are not at the same device, found input "
                     f"tensor at {x.device} and parameter tensor at {param.device}"

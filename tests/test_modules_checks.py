@@ -24,16 +24,18 @@ def same_error(make: Callable[[type[nn.Module]], Callable[[], object]], ref_type
     assert outcome(make(ext_type)) == outcome(make(ref_type))
 
 
-def test_parameter_on_another_device_is_refused_like_nn_lstm():
+@pytest.mark.parametrize("name", ["weight_ih_l0", "bias_hh_l1"])  # the first parameter and the last
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_parameter_on_another_device_is_refused_like_torch(kind, name):
     # A meta parameter used to send the call to the fake kernel: uninitialised output.
     def make(module_type):
-        module = module_type(4, 5)
-        module.weight_ih_l0 = nn.Parameter(torch.randn(20, 4, device="meta"))
+        module = module_type(4, 5, num_layers=2)
+        setattr(module, name, nn.Parameter(torch.empty_like(getattr(module, name), device="meta")))
         return lambda: module(torch.randn(3, 2, 4))
 
-    same_error(make, nn.LSTM, LSTM)
-    kind, words = outcome(make(LSTM))
-    assert kind is RuntimeError and "parameter tensor at meta" in words
+    same_error(make, getattr(nn, kind), getattr(lstm_ext, kind))
+    error, words = outcome(make(getattr(lstm_ext, kind)))
+    assert error is RuntimeError and "parameter tensor at meta" in words
 
 
 @pytest.mark.parametrize("where", ["w_ih", "b_hh", "h0", "batch_sizes"])
