@@ -254,9 +254,11 @@ class RNNBase(nn.Module):
     # ---------------------------------------------------------------- shared forward
 
     def _check_param_device(self, x: Tensor) -> None:
-        # The module's own parameters (it has no submodules), without parameters()'s
-        # generators: this runs on every call, and generation makes a call per character.
-        for param in self._parameters.values():
+        # Runs on every call (generation makes one per character): the module's own
+        # parameter dict where it has no submodules, without parameters()'s generators;
+        # with some (a parametrization moves a weight into one), all of them.
+        params = self._parameters.values() if not self._modules else self.parameters()
+        for param in params:
             if param is not None and param.device != x.device:
                 raise RuntimeError(
                     "Input and parameter tensors are not at the same device, found input "

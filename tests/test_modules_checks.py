@@ -24,13 +24,25 @@ def same_error(make: Callable[[type[nn.Module]], Callable[[], object]], ref_type
     assert outcome(make(ext_type)) == outcome(make(ref_type))
 
 
+class _Identity(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+
+@pytest.mark.parametrize("parametrized", [False, True], ids=["plain", "parametrized"])
 @pytest.mark.parametrize("name", ["weight_ih_l0", "bias_hh_l1"])  # the first parameter and the last
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-def test_parameter_on_another_device_is_refused_like_torch(kind, name):
-    # A meta parameter used to send the call to the fake kernel: uninitialised output.
+def test_parameter_on_another_device_is_refused_like_torch(kind, name, parametrized):
+    # A meta parameter used to send the call to the fake kernel: uninitialised output. A
+    # parametrization keeps the parameter in a submodule.
     def make(module_type):
         module = module_type(4, 5, num_layers=2)
-        setattr(module, name, nn.Parameter(torch.empty_like(getattr(module, name), device="meta")))
+        meta = nn.Parameter(torch.empty_like(getattr(module, name), device="meta"))
+        if parametrized:
+            nn.utils.parametrize.register_parametrization(module, name, _Identity())
+            getattr(module.parametrizations, name).original = meta
+        else:
+            setattr(module, name, meta)
         return lambda: module(torch.randn(3, 2, 4))
 
     same_error(make, getattr(nn, kind), getattr(lstm_ext, kind))

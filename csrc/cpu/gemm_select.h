@@ -7,8 +7,8 @@
 //    MKL (large input projections and dx within +-10%).
 //  * The weight gradients (dg^T a over all steps, a long k): oneDNN's matmul as ATen runs
 //    it, on the strided operands as they are, or torch's BLAS (at::mm: MKL on x86 wheels).
-//    On an AMD EPYC Zen 4 oneDNN ran them 8-20% faster (k=3200-6400: 136-150 against
-//    150-180 GFLOP/s).
+//    On an AMD EPYC Zen 4 oneDNN ran them up to 20% faster from k ~2500 (k=3200-6400:
+//    150-180 GFLOP/s, MKL 136-150), and within noise of MKL at k=400.
 //   LSTM_EXT_GEMM=microkernel (the default: the microkernel, weight gradients on oneDNN)
 //     or mkl (MKL for all of them) picks one family for every float32 GEMM;
 //   LSTM_EXT_GEMM=auto times both candidates once for the first GEMM of a (role, m, n, k,

@@ -1,8 +1,9 @@
 // CPU backend: the float32/float64 GEMMs of multi-step calls (input projection, per-step
 // GEMMs, dx) run on weights packed once per call, by packed_gemm's microkernel or MKL's
-// packed GEMM, whichever gemm_select.h picked for the shape; the other GEMMs call the
+// packed GEMM, whichever gemm_select.h picked for the shape; the other GEMMs run as row
+// dot products where they have one to four rows (dot_gemm.h: generation), else call the
 // BLAS that torch itself links (MKL or OpenBLAS export the Fortran sgemm_/dgemm_), so a
-// step costs no dispatcher round trip and no allocation. The pointwise kernels run any
+// step costs no dispatcher round trip and no allocation. Weight gradients: gemm_select.h. The pointwise kernels run any
 // Cell (cells.h), vectorized, in parallel over blocks of the batch x hidden elements.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
