@@ -63,6 +63,12 @@ class LayerProgress {
   std::atomic<int64_t> steps_{0};
 };
 
+// Rows [r0, r1) of step s, those it has (maybe none), as a step of their own: row 0 is s's row r0.
+inline Step rows_of(const Step& s, int64_t r0, int64_t r1) {
+  const int64_t rows = std::max<int64_t>(0, std::min(s.rows, r1) - r0);
+  return {rows, std::clamp<int64_t>(s.n_carry - r0, 0, rows), s.row0 + r0, s.prev_row0 + r0};
+}
+
 // `input`: the progress of the layer whose output x is, when it is still running (it
 // must run in the same direction); `output`: this layer's, published after each step.
 template <class Backend, class Cell, typename scalar_t>
@@ -70,8 +76,6 @@ void forward_time_loop(const LayerDims& d, const Schedule& sc, const ForwardData
                        const ForwardState<scalar_t>& st, const LayerProgress* input = nullptr,
                        LayerProgress* output = nullptr) {
   const int64_t G = Cell::kGates * d.H, W = Cell::kSaved * d.H;
-  // The (rows, H) cells and hidden of the step at sequence row `row0`: inference keeps one.
-  auto state_at = [&](scalar_t* base, int64_t row0) { return base + (st.per_step ? row0 * d.H : 0); };
   // The input projection runs once over all rows, or per block of steps for inference.
   const int64_t projected_rows = std::min(st.block_steps * d.N, d.R);
   const auto w_ih_t = Backend::prepare(WeightOperand<scalar_t>{p.w_ih, G, d.I, true},
@@ -83,6 +87,50 @@ void forward_time_loop(const LayerDims& d, const Schedule& sc, const ForwardData
   // W_hh h is added to the saved input pre-activations, or kept apart.
   const int64_t ld_recurrent = Cell::kSeparateRecurrent ? G : W;
   const float beta_recurrent = Cell::kSeparateRecurrent ? 0 : 1;
+  // Rows [r0, r1) of step k (those it has), whose saved values start at sequence row
+  // row_lo of saved_block: the recurrent GEMM (rows from the previous step's h, then
+  // rows from h0), the Cell, and with a projection its GEMM. Every row depends only on
+  // the same row of the step before.
+  auto run_step = [&](int64_t k, scalar_t* saved_block, int64_t row_lo, int64_t r0, int64_t r1) {
+    const Step s = rows_of(sc.steps[k], r0, r1);
+    if (s.rows == 0) return;
+    // The (rows, H) cells or hidden of the step at sequence row `row0`: inference keeps one step's.
+    auto state_at = [&](scalar_t* base, int64_t row0) { return base + (st.per_step ? row0 : r0) * d.H; };
+    scalar_t* saved = saved_block + (s.row0 - row_lo) * W;
+    scalar_t* recurrent = Cell::kSeparateRecurrent ? st.recurrent + r0 * G : saved;
+    const scalar_t* h0 = p.h0 + r0 * d.P;
+    const scalar_t* h_carry = s.n_carry > 0 ? p.y + s.prev_row0 * d.P : nullptr;
+    if (s.n_carry > 0) {
+      Backend::gemm(s.n_carry, h_carry, d.P, w_hh_t, beta_recurrent, recurrent, ld_recurrent);
+    }
+    if (s.rows > s.n_carry) {
+      Backend::gemm(s.rows - s.n_carry, h0 + s.n_carry * d.P, d.P, w_hh_t, beta_recurrent,
+                    recurrent + s.n_carry * ld_recurrent, ld_recurrent);
+    }
+    scalar_t* y_t = p.y + s.row0 * d.P;
+    scalar_t* h_t = d.projected ? state_at(st.hidden, s.row0) : y_t;
+    ForwardStep<scalar_t> step{saved, Cell::kSeparateRecurrent ? recurrent : nullptr, p.bias, p.bias_hh,
+                               h_carry, h0, nullptr, nullptr, nullptr, h_t, s.rows, s.n_carry, d.H};
+    if constexpr (Cell::kCarriesCell) {
+      // In place for inference: every element reads its own previous cell before writing it.
+      step.c_carry = s.n_carry > 0 ? state_at(st.cells, s.prev_row0) : nullptr;
+      step.c0 = st.per_step ? p.c0 + r0 * d.H : state_at(st.cells, s.row0);
+      step.c_out = state_at(st.cells, s.row0);
+    }
+    Backend::template pointwise<Cell>(step);
+    if (d.projected) {
+      Backend::gemm(s.rows, h_t, d.H, w_hr_t, 0, y_t, d.P);
+    }
+  };
+  if (st.per_step && input == nullptr && output == nullptr) {
+    // For the backward: every step's input projection at once, then the steps, by blocks
+    // of rows where the backend splits them (see backward_time_loop).
+    Backend::gemm(d.R, p.x, d.I, w_ih_t, 0, st.saved, W);
+    Backend::for_each_row_block(w_hh_t, d.N, [&](int64_t r0, int64_t r1) {
+      for (int64_t k = 0; k < d.T; ++k) run_step(k, st.saved, 0, r0, r1);
+    });
+    return;
+  }
   for (int64_t s0 = 0; s0 < d.T; s0 += st.block_steps) {
     // One GEMM projects the inputs of the block's steps, times [t_lo, t_lo + n), which
     // are sequence rows [row_lo, row_hi).
@@ -96,35 +144,7 @@ void forward_time_loop(const LayerDims& d, const Schedule& sc, const ForwardData
     }
     Backend::gemm(row_hi - row_lo, p.x + row_lo * d.I, d.I, w_ih_t, 0, saved_block, W);
     for (int64_t k = s0; k < s0 + n; ++k) {
-      const Step& s = sc.steps[k];
-      if (s.rows == 0) {
-        if (output != nullptr) output->publish(k + 1);
-        continue;
-      }
-      scalar_t* saved = saved_block + (s.row0 - row_lo) * W;
-      scalar_t* recurrent = Cell::kSeparateRecurrent ? st.recurrent : saved;
-      if (s.n_carry > 0) {
-        Backend::gemm(s.n_carry, p.y + s.prev_row0 * d.P, d.P, w_hh_t, beta_recurrent, recurrent, ld_recurrent);
-      }
-      if (s.rows > s.n_carry) {
-        Backend::gemm(s.rows - s.n_carry, p.h0 + s.n_carry * d.P, d.P, w_hh_t, beta_recurrent,
-                      recurrent + s.n_carry * ld_recurrent, ld_recurrent);
-      }
-      scalar_t* y_t = p.y + s.row0 * d.P;
-      scalar_t* h_t = d.projected ? state_at(st.hidden, s.row0) : y_t;
-      ForwardStep<scalar_t> step{saved, Cell::kSeparateRecurrent ? st.recurrent : nullptr, p.bias, p.bias_hh,
-                                 s.n_carry > 0 ? p.y + s.prev_row0 * d.P : nullptr, p.h0,
-                                 nullptr, nullptr, nullptr, h_t, s.rows, s.n_carry, d.H};
-      if constexpr (Cell::kCarriesCell) {
-        // In place for inference: every element reads its own previous cell before writing it.
-        step.c_carry = s.n_carry > 0 ? state_at(st.cells, s.prev_row0) : nullptr;
-        step.c0 = st.per_step ? p.c0 : st.cells;
-        step.c_out = state_at(st.cells, s.row0);
-      }
-      Backend::template pointwise<Cell>(step);
-      if (d.projected) {
-        Backend::gemm(s.rows, h_t, d.H, w_hr_t, 0, y_t, d.P);
-      }
+      run_step(k, saved_block, row_lo, 0, d.N);
       if (output != nullptr) output->publish(k + 1);
     }
   }
@@ -145,36 +165,41 @@ void backward_time_loop(const LayerDims& d, const Schedule& sc, const BackwardDa
       Backend::prepare(WeightOperand<scalar_t>{p.w_hh, G, d.P, false}, {GemmRole::kRecurrentGrad, d.T, d.N});
   const auto w_hr_n = Backend::prepare(WeightOperand<scalar_t>{p.w_hr, d.projected ? d.P : 0, d.H, false},
                                        {GemmRole::kProjectionGrad, d.T, d.N});
-  for (auto it = sc.steps.rbegin(); it != sc.steps.rend(); ++it) {
-    const Step& s = *it;
-    if (s.rows == 0) continue;
-    const scalar_t* dh = p.dhy + s.row0 * d.P;
-    if (d.projected) {
-      Backend::gemm(s.rows, dh, d.P, w_hr_n, 0, p.dr, d.H);
-      dh = p.dr;
+  // Every row of a step depends only on the same row of the next step: the backend may
+  // run blocks of rows [r0, r1) through the whole loop apart (on CPU, one per thread).
+  Backend::for_each_row_block(w_hh_n, d.N, [&](int64_t r0, int64_t r1) {
+    for (auto it = sc.steps.rbegin(); it != sc.steps.rend(); ++it) {
+      const Step s = rows_of(*it, r0, r1);
+      if (s.rows == 0) continue;
+      scalar_t* dh0 = p.dh0 + r0 * d.P;
+      const scalar_t* dh = p.dhy + s.row0 * d.P;
+      if (d.projected) {
+        Backend::gemm(s.rows, dh, d.P, w_hr_n, 0, p.dr + r0 * d.H, d.H);
+        dh = p.dr + r0 * d.H;
+      }
+      scalar_t* d_input = p.d_input + s.row0 * G;
+      scalar_t* d_recurrent = Cell::kSeparateRecurrent ? p.d_recurrent + s.row0 * G : d_input;
+      scalar_t* dh_carry = s.n_carry > 0 ? p.dhy + s.prev_row0 * d.P : nullptr;
+      BackwardStep<scalar_t> step{p.saved + s.row0 * W, nullptr, nullptr, nullptr,
+                                  s.n_carry > 0 ? p.y + s.prev_row0 * d.P : nullptr, p.h0 + r0 * d.P, dh,
+                                  p.dc + r0 * d.H, d_input, Cell::kSeparateRecurrent ? d_recurrent : nullptr,
+                                  dh_carry, dh0, s.rows, s.n_carry, d.H};
+      if constexpr (Cell::kCarriesCell) {
+        step.c = p.cells + s.row0 * d.H;
+        step.c_carry = s.n_carry > 0 ? p.cells + s.prev_row0 * d.H : nullptr;
+        step.c0 = p.c0 + r0 * d.H;
+      }
+      Backend::template pointwise<Cell>(step);
+      // The gradient of h_prev adds onto what is there: the output gradient (and, for
+      // some cells, what the pointwise kernel added); dh0 starts at zero.
+      if (s.n_carry > 0) {
+        Backend::gemm(s.n_carry, d_recurrent, G, w_hh_n, 1, dh_carry, d.P);
+      }
+      if (s.rows > s.n_carry) {
+        Backend::gemm(s.rows - s.n_carry, d_recurrent + s.n_carry * G, G, w_hh_n, 1, dh0 + s.n_carry * d.P, d.P);
+      }
     }
-    scalar_t* d_input = p.d_input + s.row0 * G;
-    scalar_t* d_recurrent = Cell::kSeparateRecurrent ? p.d_recurrent + s.row0 * G : d_input;
-    scalar_t* dh_carry = s.n_carry > 0 ? p.dhy + s.prev_row0 * d.P : nullptr;
-    BackwardStep<scalar_t> step{p.saved + s.row0 * W, nullptr, nullptr, nullptr,
-                                s.n_carry > 0 ? p.y + s.prev_row0 * d.P : nullptr, p.h0, dh, p.dc, d_input,
-                                Cell::kSeparateRecurrent ? d_recurrent : nullptr, dh_carry, p.dh0,
-                                s.rows, s.n_carry, d.H};
-    if constexpr (Cell::kCarriesCell) {
-      step.c = p.cells + s.row0 * d.H;
-      step.c_carry = s.n_carry > 0 ? p.cells + s.prev_row0 * d.H : nullptr;
-      step.c0 = p.c0;
-    }
-    Backend::template pointwise<Cell>(step);
-    // The gradient of h_prev adds onto what is there: the output gradient (and, for
-    // some cells, what the pointwise kernel added); dh0 starts at zero.
-    if (s.n_carry > 0) {
-      Backend::gemm(s.n_carry, d_recurrent, G, w_hh_n, 1, dh_carry, d.P);
-    }
-    if (s.rows > s.n_carry) {
-      Backend::gemm(s.rows - s.n_carry, d_recurrent + s.n_carry * G, G, w_hh_n, 1, p.dh0 + s.n_carry * d.P, d.P);
-    }
-  }
+  });
   if (p.dx != nullptr) {
     const auto w_ih_n =
         Backend::prepare(WeightOperand<scalar_t>{p.w_ih, G, d.I, false}, {GemmRole::kInputGrad, d.T, d.R});

@@ -234,6 +234,25 @@ struct CpuBackend {
     });
   }
 
+  // Runs fn(r0, r1) over blocks of rows that together cover [0, rows), one per thread,
+  // where every step multiplies by the recurrent weight w on the microkernel and that
+  // GEMM is too small to split well between threads (<= 8 Mflop): each block then runs
+  // the whole time loop without a fork-join per step. Else fn(0, rows). Each thread
+  // then reads all of w at every step, where it read its share of w's panels before.
+  template <typename scalar_t, class Fn>
+  static void for_each_row_block(const CpuWeight<scalar_t>& w, int64_t rows, const Fn& fn) {
+    constexpr int64_t kMinRows = 4, kMaxStepFlops = 8 << 20;
+    const int64_t threads = at::get_num_threads();
+    if (!w.packed || threads < 2 || at::in_parallel_region() || rows < 2 * kMinRows ||
+        2 * rows * w.packed->k() * w.packed->n() > kMaxStepFlops) {
+      return fn(0, rows);
+    }
+    const int64_t blocks = std::min(threads, rows / kMinRows);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) fn(rows * b / blocks, rows * (b + 1) / blocks);
+    });
+  }
+
   // dg^T a. Float32 on oneDNN or the BLAS (gemm_select.h). Float64 runs as (a^T dg)^T:
   // MKL's dgemm is 1.1-1.6x faster in that orientation here.
   static at::Tensor weight_grad(const at::Tensor& dg, const at::Tensor& a) {

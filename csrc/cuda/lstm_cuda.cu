@@ -120,6 +120,12 @@ struct CudaBackend {
 
   static Tensor weight_grad(const Tensor& dg, const Tensor& a) { return at::mm(dg.t(), a); }
 
+  // All rows in one block: each step's kernels already cover the whole batch.
+  template <typename scalar_t, class Fn>
+  static void for_each_row_block(const CudaWeight<scalar_t>& /*w*/, int64_t rows, const Fn& fn) {
+    fn(0, rows);
+  }
+
   // Runs Cell on every element of a ForwardStep or BackwardStep.
   template <class Cell, class StepT>
   static void pointwise(const StepT& s) {
