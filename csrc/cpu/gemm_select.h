@@ -27,7 +27,6 @@
 #include <c10/util/Exception.h>
 
 #include <atomic>
-
 #include <chrono>
 #include <climits>
 #include <cstdlib>

@@ -3,8 +3,9 @@
 // packed GEMM, whichever gemm_select.h picked for the shape; the other GEMMs run as row
 // dot products where they have one to four rows (dot_gemm.h: generation), else call the
 // BLAS that torch itself links (MKL or OpenBLAS export the Fortran sgemm_/dgemm_), so a
-// step costs no dispatcher round trip and no allocation. Weight gradients: gemm_select.h. The pointwise kernels run any
-// Cell (cells.h), vectorized, in parallel over blocks of the batch x hidden elements.
+// step costs no dispatcher round trip and no allocation. Weight gradients: gemm_select.h.
+// The pointwise kernels run any Cell (cells.h), vectorized, in parallel over blocks of
+// the batch x hidden elements.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
