@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lstm_ext  # noqa: F401  (loads the operators)
-from test_gemm_select import run_child
+from test_gemm_select import bf16_microkernel_runs, float32_choices, run_child
 
 
 def capability(out: str) -> str:
@@ -21,6 +21,8 @@ def test_default_kernels_match_nn_lstm(child_env):
     proc = run_child({"LSTM_EXT_CPU_CAPABILITY": "default", "CHILD_DTYPES": "float32,float64,bfloat16"}, child_env)
     assert proc.returncode == 0, proc.stderr
     assert capability(proc.stdout) == "default"
+    bf16 = float32_choices(proc.stdout, "prepared", dtype="bfloat16")
+    assert all(line.endswith(": aten (no AVX-512 BF16 microkernel here)") for line in bf16), proc.stdout
 
 
 ORDER = ["default", "avx2", "avx512"]
@@ -39,6 +41,10 @@ def test_vector_kernels_match_nn_lstm(capability_name, child_env):
                      child_env)
     assert proc.returncode == 0, proc.stderr
     assert capability(proc.stdout) == best_capability(capability_name)
+    # bfloat16 runs its microkernel on the AVX-512 kernels only, and there only with AVX-512 BF16.
+    bf16 = float32_choices(proc.stdout, "prepared", dtype="bfloat16")
+    expected = "microkernel (default)" if bf16_microkernel_runs(proc.stdout) else "aten (no AVX-512 BF16 microkernel here)"
+    assert all(line.endswith(f": {expected}") for line in bf16), proc.stdout
 
 
 @pytest.mark.parametrize(

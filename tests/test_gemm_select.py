@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -85,14 +86,23 @@ def run_child(env_update: dict[str, str], child_env: dict[str, str]) -> subproce
     return subprocess.run([sys.executable, "-c", CHILD], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
-def float32_choices(out: str, role: str = "") -> list[str]:
-    """The float32 lines of the choices report: of weight gradients with role "weight", of the
-    other GEMMs (against a prepared weight) with role "prepared", of all by default."""
-    lines = [line for line in out.splitlines() if " float32 " in line]
+def float32_choices(out: str, role: str = "", dtype: str = "float32") -> list[str]:
+    """The float32 (or `dtype`) lines of the choices report: of weight gradients with role
+    "weight", of the other GEMMs (against a prepared weight) with role "prepared", of all by
+    default."""
+    lines = [line for line in out.splitlines() if f" {dtype} " in line]
     if role:
         lines = [line for line in lines if line.startswith("weight gradient ") == (role == "weight")]
     assert lines, out
     return lines
+
+
+def bf16_microkernel_runs(out: str) -> bool:
+    """Whether the child ran the bfloat16 microkernel's compilation (AVX-512) on a CPU with
+    AVX-512 BF16 (Linux's /proc/cpuinfo flag avx512_bf16)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    return "cpu_capability: avx512" in out and "avx512_bf16" in flags
 
 
 # LSTM_EXT_GEMM -> (the prepared weights' implementation, the weight gradients').
@@ -139,3 +149,22 @@ def test_unknown_gemm_mode_is_an_error(child_env):
     proc = run_child({"LSTM_EXT_GEMM": "fastest"}, child_env)
     assert proc.returncode != 0
     assert "LSTM_EXT_GEMM must be auto, mkl or microkernel, but got 'fastest'" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", ["auto", "mkl", None])
+def test_bfloat16_gemms_match_nn_lstm(mode, child_env):
+    # bfloat16's prepared weights: the AVX-512 BF16 microkernel where the CPU has it (the
+    # default), ATen's GEMM with LSTM_EXT_GEMM=mkl, the faster of the two with auto.
+    # float32 and float64 first, for the random draws known to keep bfloat16's relu gradients
+    # off zero (see CALLS).
+    dtypes = {"CHILD_DTYPES": "float32,float64,bfloat16"}
+    proc = run_child({**dtypes, **({} if mode is None else {"LSTM_EXT_GEMM": mode})}, child_env)
+    assert proc.returncode == 0, proc.stderr
+    lines = float32_choices(proc.stdout, "prepared", dtype="bfloat16")
+    if not bf16_microkernel_runs(proc.stdout):
+        assert all(line.endswith(": aten (no AVX-512 BF16 microkernel here)") for line in lines), proc.stdout
+    elif mode == "auto":
+        assert all("(timed: " in line for line in lines), proc.stdout
+    else:
+        expected = ": microkernel (default)" if mode is None else ": aten (LSTM_EXT_GEMM)"
+        assert all(line.endswith(expected) for line in lines), proc.stdout

@@ -11,12 +11,17 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../backend_api.h"
 
 namespace lstm_ext {
 
 constexpr int64_t kMaxDotRows = 4;
+
+// The dtypes dot_gemm serves.
+template <typename scalar_t>
+constexpr bool kHasDotGemm = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
 namespace dot_gemm_detail {
 

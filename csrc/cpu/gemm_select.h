@@ -1,16 +1,22 @@
-// Run-time choice of the library behind each float32 GEMM of a layer.
-//  * The GEMMs against a prepared weight (input projection, per-step, dx): packed_gemm's
-//    microkernel or MKL's packed GEMM (cblas_sgemm_pack/compute, exported by torch's
-//    libtorch_cpu when torch is built with MKL). Neither wins everywhere: issue 10 reports
-//    MKL's packed GEMM at 2-2.7x the microkernel's rate on the per-step shapes of an Intel
-//    Xeon with AMX; on an AMD EPYC with AVX-512 the microkernel ran them 1.4-2x faster than
-//    MKL (large input projections and dx within +-10%).
+// Run-time choice of the library behind each GEMM of a layer.
+//  * The float32 GEMMs against a prepared weight (input projection, per-step, dx):
+//    packed_gemm's microkernel or MKL's packed GEMM (cblas_sgemm_pack/compute, exported by
+//    torch's libtorch_cpu when torch is built with MKL). Neither wins everywhere: issue 10
+//    reports MKL's packed GEMM at 2-2.7x the microkernel's rate on the per-step shapes of
+//    an Intel Xeon with AMX; on an AMD EPYC with AVX-512 the microkernel ran them 1.4-2x
+//    faster than MKL (large input projections and dx within +-10%).
+//  * The bfloat16 ones: packed_gemm's AVX-512 BF16 microkernel, where the CPU has it, or
+//    ATen's GEMM (oneDNN). On an AMD EPYC Zen 4 the microkernel ran the per-step GEMM of
+//    B=64 H=256 (m=64 n=1024 k=256) at 417 GFLOP/s on 2 threads, ATen's at 163 in the
+//    time loop. Not measured on a CPU with AMX, where oneDNN's GEMM may be the faster
+//    (LSTM_EXT_GEMM=auto times both). Half: ATen's GEMM.
 //  * The weight gradients (dg^T a over all steps, a long k): oneDNN's matmul as ATen runs
 //    it, on the strided operands as they are, or torch's BLAS (at::mm: MKL on x86 wheels).
 //    On an AMD EPYC Zen 4 oneDNN ran them up to 20% faster from k ~2500 (k=3200-6400:
 //    150-180 GFLOP/s, MKL 136-150), and within noise of MKL at k=400.
 //   LSTM_EXT_GEMM=microkernel (the default: the microkernel, weight gradients on oneDNN)
-//     or mkl (MKL for all of them) picks one family for every float32 GEMM;
+//     or mkl (the libraries: MKL for all float32 GEMMs, ATen's for bfloat16) picks one
+//     family for every GEMM;
 //   LSTM_EXT_GEMM=auto times both candidates once for the first GEMM of a (role, m, n, k,
 //     dtype, threads) and keeps the faster for the process, like cuDNN's algorithm
 //     search. Not the default: a timed choice can differ between runs (two candidates
@@ -51,9 +57,10 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
 
 namespace lstm_ext {
 
-// The microkernel and MKL's packed GEMM serve prepared weights; oneDNN's matmul and the
-// BLAS, weight gradients.
-enum class GemmImpl { kMicrokernel, kMkl, kOneDnn, kBlas };
+// The microkernel and MKL's packed GEMM serve prepared float32 weights, the microkernel
+// and ATen's GEMM bfloat16 and half ones; oneDNN's matmul and the BLAS, float32 weight
+// gradients.
+enum class GemmImpl { kMicrokernel, kMkl, kOneDnn, kBlas, kAten };
 
 namespace gemm_select_detail {
 
@@ -88,12 +95,23 @@ inline const char* role_name(GemmRole role) {
   return "?";
 }
 
+inline const char* dtype_name(c10::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    default: return c10::toString(dtype);
+  }
+}
+
 inline const char* impl_name(GemmImpl impl) {
   switch (impl) {
     case GemmImpl::kMicrokernel: return "microkernel";
     case GemmImpl::kMkl: return "mkl";
     case GemmImpl::kOneDnn: return "onednn";
     case GemmImpl::kBlas: return "blas";
+    case GemmImpl::kAten: return "aten";
   }
   return "?";
 }
@@ -183,6 +201,21 @@ class MklPackedWeight {
   at::Tensor buffer_;
 };
 
+// Row-major C (m x n) = A (m x k) op(W) + beta * C through ATen, on raw CPU pointers, for
+// the dtypes no BLAS here serves (half and bfloat16 run on oneDNN or MKL there). Each
+// call wraps the pointers in tensor views.
+template <typename scalar_t>
+void aten_gemm(int64_t m, const scalar_t* a, int64_t lda, const WeightOperand<scalar_t>& w, float beta, scalar_t* c,
+               int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld) {
+    return at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts);
+  };
+  const at::Tensor weight = view(w.data, w.rows, w.cols, w.cols);
+  at::Tensor out = view(c, m, w.n(), ldc);
+  at::addmm_out(out, out, view(a, m, w.k(), lda), w.transposed ? weight.t() : weight, beta, 1);
+}
+
 namespace gemm_select_detail {
 
 // The two candidates of a GEMM: `first` runs under LSTM_EXT_GEMM=microkernel (the
@@ -224,41 +257,55 @@ GemmImpl choose(const Key& key, const Candidates& c, const TimeFirst& time_first
 
 }  // namespace gemm_select_detail
 
-// The implementation for the GEMMs of `use` against w: the microkernel or MKL's packed GEMM.
+// The implementation for the GEMMs of `use` against w: the microkernel, or the library
+// candidate of the dtype (float32: MKL's packed GEMM; half, bfloat16: ATen's GEMM).
 template <typename scalar_t>
 GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
   using namespace gemm_select_detail;
   const Key key{use.role, use.rows, w.n(), w.k(), c10::CppTypeToScalarType<scalar_t>::value, at::get_num_threads()};
-  Candidates candidates{GemmImpl::kMicrokernel, GemmImpl::kMkl, std::nullopt, ""};
-  if constexpr (!std::is_same_v<scalar_t, float>) {
-    candidates.only = GemmImpl::kMicrokernel;
-    candidates.why_only = "no MKL packed GEMM for this dtype";
-    return choose(key, candidates, [] {}, [] {});
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return choose(key, {GemmImpl::kMicrokernel, GemmImpl::kMkl, GemmImpl::kMicrokernel, "no MKL packed GEMM for this dtype"},
+                  [] {}, [] {});
   } else {
-    if (!mkl_packed_gemm_available() || !MklPackedWeight::fits(use.rows, w)) {
-      candidates.only = GemmImpl::kMicrokernel;
-      candidates.why_only = "MKL packed GEMM unavailable";
+    constexpr bool kFloat = std::is_same_v<scalar_t, float>;
+    Candidates candidates{GemmImpl::kMicrokernel, kFloat ? GemmImpl::kMkl : GemmImpl::kAten, std::nullopt, ""};
+    if constexpr (kFloat) {
+      if (!mkl_packed_gemm_available() || !MklPackedWeight::fits(use.rows, w)) {
+        candidates.only = GemmImpl::kMicrokernel;
+        candidates.why_only = "MKL packed GEMM unavailable";
+      }
+    } else if (!packed_gemm_runs<scalar_t>()) {
+      candidates.only = GemmImpl::kAten;
+      candidates.why_only = std::is_same_v<scalar_t, at::BFloat16> ? "no AVX-512 BF16 microkernel here"
+                                                                    : "no microkernel for this dtype";
     }
     // Timed (with "auto" only) on the real weight and zero inputs, into a scratch C.
-    std::optional<PackedWeight<float>> micro;
+    std::optional<PackedWeight<scalar_t>> micro;
     std::optional<MklPackedWeight> mkl;
     at::Tensor a, c;
     auto setup = [&] {
-      if (micro) return;
-      micro.emplace(w);
-      mkl.emplace(w, use.rows);
-      a = at::zeros({use.rows, w.k()});
-      c = at::zeros({use.rows, w.n()});
+      if (a.defined()) return;
+      if constexpr (kHasPackedGemm<scalar_t>) micro.emplace(w);
+      if constexpr (kFloat) mkl.emplace(w, use.rows);
+      const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+      a = at::zeros({use.rows, w.k()}, options);
+      c = at::zeros({use.rows, w.n()}, options);
     };
     return choose(
         key, candidates,
         [&] {
           setup();
-          packed_gemm(use.rows, a.data_ptr<float>(), w.k(), *micro, 1, c.data_ptr<float>(), w.n());
+          if constexpr (kHasPackedGemm<scalar_t>) {
+            packed_gemm(use.rows, a.data_ptr<scalar_t>(), w.k(), *micro, 1, c.data_ptr<scalar_t>(), w.n());
+          }
         },
         [&] {
           setup();
-          mkl->compute(a.data_ptr<float>(), w.k(), 1, c.data_ptr<float>(), w.n());
+          if constexpr (kFloat) {
+            mkl->compute(a.data_ptr<float>(), w.k(), 1, c.data_ptr<float>(), w.n());
+          } else {
+            aten_gemm(use.rows, a.data_ptr<scalar_t>(), w.k(), w, 1, c.data_ptr<scalar_t>(), w.n());
+          }
         });
   }
 }
@@ -333,7 +380,7 @@ inline std::string gemm_choices() {
   std::ostringstream out;
   for (const auto& [key, choice] : t.choices) {
     const auto& [role, m, n, k, dtype, threads] = key;
-    out << role_name(role) << ' ' << (dtype == at::kFloat ? "float32" : "float64") << " m=" << m << " n=" << n << " k=" << k
+    out << role_name(role) << ' ' << dtype_name(dtype) << " m=" << m << " n=" << n << " k=" << k
         << " threads=" << threads << ": " << impl_name(choice.impl) << " (" << choice.reason << ")\n";
   }
   return out.str();

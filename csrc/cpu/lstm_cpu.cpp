@@ -43,39 +43,6 @@ struct Math<at::vec::Vectorized<T>> {
   static Vec where_positive(const Vec& y, const Vec& v) { return Vec::blendv(Vec(0), v, y > Vec(0)); }
 };
 
-// Loads and stores one vector of the opmath type T from scalar_t memory: directly for
-// float32 and float64; half and bfloat16 (whose opmath type is float) through ATen's
-// vector conversions, rounding to nearest even as their scalar conversions do. Their
-// cell math thus runs on vectors too (the scalar path cost bfloat16 ~2x against nn.LSTM
-// at B=64 H=256, and converting element by element through a buffer ~15% of a forward).
-template <typename T, typename scalar_t>
-struct VecLane {
-  using Vec = at::vec::Vectorized<T>;
-  static Vec load(const scalar_t* p) {
-    if constexpr (std::is_same_v<T, scalar_t>) {
-      return Vec::loadu(p);
-    } else {
-      Vec v;
-      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-        at::vec::load_fp32_from_bf16(p, v);
-      } else {
-        static_assert(std::is_same_v<scalar_t, at::Half>);
-        at::vec::load_fp32_from_fp16(p, v);
-      }
-      return v;
-    }
-  }
-  static void store(scalar_t* p, const Vec& v) {
-    if constexpr (std::is_same_v<T, scalar_t>) {
-      v.store(p);
-    } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      at::vec::convert_float_bfloat16(v, v).store(p, Vec::size());  // the low half holds v
-    } else {
-      at::vec::convert_float_half(v, v).store(p, Vec::size());
-    }
-  }
-};
-
 namespace {
 
 // Column-major BLAS call; false when this scalar type has no Fortran BLAS here.
@@ -103,24 +70,6 @@ bool column_major_gemm(bool, bool, int64_t, int64_t, int64_t, const scalar_t*, i
                        int64_t, float, scalar_t*, int64_t) {
   return false;
 }
-
-// Row-major C (m x n) = A (m x k) op(W) + beta * C through ATen, on raw CPU pointers, for
-// the dtypes no BLAS here serves. Each call wraps the pointers in tensor views.
-template <typename scalar_t>
-void aten_gemm(int64_t m, const scalar_t* a, int64_t lda, const WeightOperand<scalar_t>& w, float beta, scalar_t* c,
-               int64_t ldc) {
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-  auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld) {
-    return at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts);
-  };
-  const at::Tensor weight = view(w.data, w.rows, w.cols, w.cols);
-  at::Tensor out = view(c, m, w.n(), ldc);
-  at::addmm_out(out, out, view(a, m, w.k(), lda), w.transposed ? weight.t() : weight, beta, 1);
-}
-
-// The dtypes whose GEMMs run on packed weights (the microkernel, MKL's packed sgemm).
-template <typename scalar_t>
-constexpr bool kPackable = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
 // Calls fn(row, j_begin, j_end) over blocks of the rows x H elements, in parallel once
 // there is enough work to pay for waking the other threads (about 2048 elements each:
@@ -156,17 +105,18 @@ struct CpuBackend {
     explicit DeviceGuard(c10::Device) {}
   };
 
-  // Float32 and float64 weights are packed; half and bfloat16 keep the ATen path.
+  // Packed for the microkernel or MKL, as gemm_select.h chooses (ATen's GEMM for half,
+  // and for bfloat16 without AVX-512 BF16, keeps the weight as it is).
   template <typename scalar_t>
   static CpuWeight<scalar_t> prepare(const WeightOperand<scalar_t>& w, const GemmUse& use) {
     CpuWeight<scalar_t> prepared{w, std::nullopt, std::nullopt};
-    if constexpr (kPackable<scalar_t>) {
-      if (use.steps < kMinStepsToPack || w.rows == 0) return prepared;
-      if (select_gemm(w, use) == GemmImpl::kMicrokernel) {
-        prepared.packed.emplace(w);
-      } else if constexpr (std::is_same_v<scalar_t, float>) {
-        prepared.mkl.emplace(w, use.rows);
-      }
+    if (use.steps < kMinStepsToPack || w.rows == 0) return prepared;
+    const GemmImpl impl = select_gemm(w, use);
+    if constexpr (kHasPackedGemm<scalar_t>) {
+      if (impl == GemmImpl::kMicrokernel) prepared.packed.emplace(w);
+    }
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (impl == GemmImpl::kMkl) prepared.mkl.emplace(w, use.rows);
     }
     return prepared;
   }
@@ -174,7 +124,7 @@ struct CpuBackend {
   template <typename scalar_t>
   static void gemm(int64_t m, const scalar_t* a, int64_t lda, const CpuWeight<scalar_t>& w, float beta,
                    scalar_t* c, int64_t ldc) {
-    if constexpr (kPackable<scalar_t>) {
+    if constexpr (kHasPackedGemm<scalar_t>) {
       if (w.packed) return packed_gemm(m, a, lda, *w.packed, beta, c, ldc);
     }
     if constexpr (std::is_same_v<scalar_t, float>) {
@@ -187,7 +137,7 @@ struct CpuBackend {
   static void gemm(int64_t m, const scalar_t* a, int64_t lda, const WeightOperand<scalar_t>& op, float beta,
                    scalar_t* c, int64_t ldc) {
     if (m == 0 || op.n() == 0) return;
-    if constexpr (kPackable<scalar_t>) {
+    if constexpr (kHasDotGemm<scalar_t>) {
       if (op.transposed && m <= kMaxDotRows) return dot_gemm(m, a, lda, op, beta, c, ldc);
     }
     // Row-major C = A op(W) is column-major C^T = op(W)^T A^T, and the row-major W read

@@ -1,44 +1,82 @@
-// Float32/float64 GEMM against a weight packed once per op call, for the GEMMs of the
-// time loop and the input projection. BLAS re-packs the same weight at every step (its
-// copies cost ~10% at small shapes) and its kernels are tuned for large m; here the
-// weight is packed before the loop into column panels that the microkernel streams
-// contiguously, and each step only runs the microkernel.
+// GEMM against a weight packed once per op call, for the GEMMs of the time loop and the
+// input projection. BLAS re-packs the same weight at every step (its copies cost ~10% at
+// small shapes) and its kernels are tuned for large m; here the weight is packed before
+// the loop into column panels that the microkernel streams contiguously, and each step
+// only runs the microkernel. Float32 and float64 everywhere; bfloat16 where the CPU has
+// AVX-512 BF16 (vdpbf16ps: the products of pairs of bfloat16, summed in float32). There,
+// on an AMD EPYC Zen 4, the bfloat16 microkernel ran m=64 n=1024 k=256 at 417 GFLOP/s on
+// 2 threads (a zmm vdpbf16ps per cycle and core is 64 flops), where torch's bfloat16
+// addmm (oneDNN) ran the same per-step GEMMs at 163 in an LSTM's time loop.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <array>
+#include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "../backend_api.h"
+#include "vec_math.h"
 
 namespace lstm_ext {
 
-// op(W) as panels of kPanel columns, each k-major (row p of a panel holds op(W)[p, j0:j0+kPanel]),
-// the last one zero-padded so that the microkernel never needs a column tail.
+// Whether this compilation has a microkernel for scalar_t: bfloat16 only in the AVX-512 one.
+template <typename scalar_t>
+constexpr bool kHasPackedGemm = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>
+#if defined(CPU_CAPABILITY_AVX512)
+                                || std::is_same_v<scalar_t, at::BFloat16>
+#endif
+    ;
+
+// Whether the microkernel for scalar_t runs on this CPU.
+template <typename scalar_t>
+bool packed_gemm_runs() {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    static const bool has_bf16_dot = __builtin_cpu_supports("avx512bf16");
+    return kHasPackedGemm<scalar_t> && has_bf16_dot;
+#else
+    return false;
+#endif
+  }
+  return kHasPackedGemm<scalar_t>;
+}
+
+// op(W) as panels of kPanel columns, the last one zero-padded so that the microkernel
+// never needs a column tail. A panel is k-major in groups of kDepth rows: element
+// (p, j) of op(W)'s panel lies at (p / kDepth) kPanel kDepth + j kDepth + p % kDepth,
+// so that one vector load gets kDepth consecutive p of each of its columns (bfloat16's
+// pairs; k is zero-padded to a multiple of kDepth).
 template <typename scalar_t>
 class PackedWeight {
  public:
-  static constexpr int64_t kPanel = 2 * at::vec::Vectorized<scalar_t>::size();  // two vectors
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int64_t kDepth = std::is_same_v<scalar_t, at::BFloat16> ? 2 : 1;
+  static constexpr int64_t kPanel = 2 * at::vec::Vectorized<acc_t>::size();  // two vectors of accumulators
 
   explicit PackedWeight(const WeightOperand<scalar_t>& w)
       : k_(w.k()), n_(w.n()), num_panels_((n_ + kPanel - 1) / kPanel),
-        panels_(at::empty({num_panels_ * kPanel * k_}, c10::CppTypeToScalarType<scalar_t>::value)) {
+        panel_size_(kPanel * ((k_ + kDepth - 1) / kDepth * kDepth)),
+        panels_(at::empty({num_panels_ * panel_size_}, c10::CppTypeToScalarType<scalar_t>::value)) {
     // op(W)[p, j] = w.data[p * sk + j * sn]
     const int64_t sk = w.transposed ? 1 : w.cols, sn = w.transposed ? w.cols : 1;
     scalar_t* out = panels_.data_ptr<scalar_t>();
     // A small weight packs faster than another thread wakes up: ~64K elements each.
-    const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, kPanel * k_));
+    const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, panel_size_));
     at::parallel_for(0, num_panels_, grain, [&](int64_t begin, int64_t end) {
       for (int64_t panel = begin; panel < end; ++panel) {
-        scalar_t* dst = out + panel * kPanel * k_;
+        scalar_t* dst = out + panel * panel_size_;
         const int64_t j0 = panel * kPanel, cols = std::min(kPanel, n_ - j0);
-        for (int64_t p = 0; p < k_; ++p, dst += kPanel) {
-          for (int64_t jj = 0; jj < cols; ++jj) dst[jj] = w.data[p * sk + (j0 + jj) * sn];
-          std::fill(dst + cols, dst + kPanel, scalar_t(0));
+        for (int64_t p = 0; p < panel_size_ / kPanel; ++p) {
+          scalar_t* group = dst + (p / kDepth) * kPanel * kDepth + p % kDepth;
+          for (int64_t jj = 0; jj < kPanel; ++jj) {
+            group[jj * kDepth] = p < k_ && jj < cols ? w.data[p * sk + (j0 + jj) * sn] : scalar_t(0);
+          }
         }
       }
     });
@@ -47,10 +85,10 @@ class PackedWeight {
   int64_t k() const { return k_; }
   int64_t n() const { return n_; }
   int64_t num_panels() const { return num_panels_; }
-  const scalar_t* panel(int64_t i) const { return panels_.data_ptr<scalar_t>() + i * kPanel * k_; }
+  const scalar_t* panel(int64_t i) const { return panels_.data_ptr<scalar_t>() + i * panel_size_; }
 
  private:
-  int64_t k_, n_, num_panels_;
+  int64_t k_, n_, num_panels_, panel_size_;
   at::Tensor panels_;
 };
 
@@ -58,10 +96,35 @@ namespace packed_gemm_detail {
 
 constexpr int kMaxRows = 6;  // 6 x 2 accumulators + 2 panel vectors + 1 broadcast of 16 ymm registers
 
-// C[0:MR, j0:j0+cols] = A[0:MR, :] panel + beta * C, for cols <= kPanel.
+// C[0:MR, j0:j0+cols] = out + (accumulate ? C : 0), from the MR x kPanel accumulators in out.
+template <typename scalar_t, int MR>
+void store_tile(const at::opmath_type<scalar_t>* out, bool accumulate, scalar_t* c, int64_t ldc, int64_t cols) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  using Lane = VecLane<acc_t, scalar_t>;
+  constexpr int64_t kPanel = PackedWeight<scalar_t>::kPanel;
+  for (int r = 0; r < MR; ++r) {
+    scalar_t* cr = c + r * ldc;
+    const acc_t* o = out + r * kPanel;
+    if (cols == kPanel) {
+      Vec lo = Vec::loadu(o), hi = Vec::loadu(o + Vec::size());
+      if (accumulate) {
+        lo = lo + Lane::load(cr);
+        hi = hi + Lane::load(cr + Vec::size());
+      }
+      Lane::store(cr, lo);
+      Lane::store(cr + Vec::size(), hi);
+    } else {  // last, partial panel
+      for (int64_t j = 0; j < cols; ++j) cr[j] = scalar_t(o[j] + (accumulate ? acc_t(cr[j]) : acc_t(0)));
+    }
+  }
+}
+
+// C[0:MR, j0:j0+cols] = A[0:MR, :] panel + beta * C, for cols <= kPanel; float32 and float64.
 template <typename scalar_t, int MR>
 void microkernel(int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b, bool accumulate, scalar_t* c,
                  int64_t ldc, int64_t cols) {
+  static_assert(std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>);
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t kPanel = PackedWeight<scalar_t>::kPanel;
   // C rows are usually cold (the input projection wrote them long before): start
@@ -90,26 +153,64 @@ void microkernel(int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b, b
     acc[r][0].store(out + r * kPanel);
     acc[r][1].store(out + r * kPanel + Vec::size());
   }
+  store_tile<scalar_t, MR>(out, accumulate, c, ldc, cols);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The AVX-512 copy's target and AVX-512 BF16, for the code that runs vdpbf16ps; only
+// called where packed_gemm_runs<at::BFloat16>() (the CPU has it).
+#define LSTM_EXT_TARGET_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16"), always_inline)) inline
+
+// acc[r] += A[r, p:p+2] times the panel's pair group at b, for MR rows of A from a = &A[0, p].
+// kLast: k is odd and p = k - 1, so A[r, p + 1] is not there and counts as zero.
+template <int MR, bool kLast>
+LSTM_EXT_TARGET_BF16 void dot_pair(__m512 (&acc)[MR][2], const at::BFloat16* a, int64_t lda, const at::BFloat16* b) {
+  constexpr int64_t kPanel = PackedWeight<at::BFloat16>::kPanel;
+  const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + kPanel);
+#pragma GCC unroll kMaxRows
   for (int r = 0; r < MR; ++r) {
-    scalar_t* cr = c + r * ldc;
-    const scalar_t* o = out + r * kPanel;
-    if (cols == kPanel) {
-      Vec lo = Vec::loadu(o), hi = Vec::loadu(o + Vec::size());
-      if (accumulate) {
-        lo = lo + Vec::loadu(cr);
-        hi = hi + Vec::loadu(cr + Vec::size());
-      }
-      lo.store(cr);
-      hi.store(cr + Vec::size());
-    } else {  // last, partial panel
-      for (int64_t j = 0; j < cols; ++j) cr[j] = o[j] + (accumulate ? cr[j] : scalar_t(0));
-    }
+    uint32_t pair = 0;  // A[r, p] in the low half (the lower address), A[r, p + 1] in the high one
+    std::memcpy(&pair, a + r * lda, kLast ? 2 : 4);
+    const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], ar, b0);
+    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ar, b1);
   }
 }
 
+// microkernel for bfloat16: pairs of k at a time, summed in float32, C rounded to bfloat16 once.
+template <int MR>
+LSTM_EXT_TARGET_BF16 void microkernel_bf16(int64_t k, const at::BFloat16* a, int64_t lda, const at::BFloat16* b,
+                                           bool accumulate, at::BFloat16* c, int64_t ldc, int64_t cols) {
+  constexpr int64_t kPanel = PackedWeight<at::BFloat16>::kPanel, kGroup = 2 * kPanel;
+#pragma GCC unroll kMaxRows
+  for (int r = 0; r < MR; ++r) __builtin_prefetch(c + r * ldc);
+  __m512 acc[MR][2];
+#pragma GCC unroll kMaxRows
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < k / 2; ++p) dot_pair<MR, false>(acc, a + 2 * p, lda, b + p * kGroup);
+  if (k % 2 != 0) dot_pair<MR, true>(acc, a + k - 1, lda, b + k / 2 * kGroup);
+  float out[MR * kPanel];
+#pragma GCC unroll kMaxRows
+  for (int r = 0; r < MR; ++r) {
+    _mm512_storeu_ps(out + r * kPanel, acc[r][0]);
+    _mm512_storeu_ps(out + r * kPanel + kPanel / 2, acc[r][1]);
+  }
+  store_tile<at::BFloat16, MR>(out, accumulate, c, ldc, cols);
+}
+#undef LSTM_EXT_TARGET_BF16
+#endif
+
 template <typename scalar_t, int... MR>
 constexpr auto make_kernels(std::integer_sequence<int, MR...>) {
-  return std::array{&microkernel<scalar_t, MR + 1>...};
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return std::array{&microkernel_bf16<MR + 1>...};
+  } else
+#endif
+  {
+    return std::array{&microkernel<scalar_t, MR + 1>...};
+  }
 }
 // kernels<scalar_t>[r - 1] handles r rows.
 template <typename scalar_t>
@@ -121,6 +222,7 @@ constexpr auto kernels = make_kernels<scalar_t>(std::make_integer_sequence<int, 
 template <typename scalar_t>
 void packed_gemm(int64_t m, const scalar_t* a, int64_t lda, const PackedWeight<scalar_t>& w, float beta,
                  scalar_t* c, int64_t ldc) {
+  static_assert(kHasPackedGemm<scalar_t>);
   using namespace packed_gemm_detail;
   constexpr int64_t kPanel = PackedWeight<scalar_t>::kPanel;
   // Rows go in chunks of about 256 KiB of A, which stay in L2 while every panel passes
