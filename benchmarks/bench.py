@@ -31,7 +31,7 @@ except ModuleNotFoundError as err:
     sys.exit("error: lstm_ext is not importable: install it (pip install --no-build-isolation .) "
              "or run from the checkout as PYTHONPATH=. python benchmarks/bench.py")
 
-from config import CELL_CHOICES, DTYPES, QUICK, SWEEPS, BenchConfig, parse_dtypes, parse_sweep
+from config import AUTOCAST, CELL_CHOICES, DTYPES, QUICK, SWEEPS, BenchConfig, parse_dtypes, parse_sweep
 from lstm_ext.shakespeare.data import DataError
 from lstm_ext.shakespeare.model import ImplUnavailableError
 from lstm_ext.shakespeare.options import add_common, checked_text, given, positive_int, set_threads
@@ -48,11 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"cell measured: lstm_ext.LSTM/GRU/RNN (tanh) against nn.LSTM/GRU/RNN (default {d.cell}); "
                    "'all' runs each in turn, writing into OUT/lstm, OUT/gru, OUT/rnn")
     dtype = p.add_mutually_exclusive_group()
-    dtype.add_argument("--dtype", choices=DTYPES, default=S, help=f"parameter dtype (default {d.dtype})")
+    dtype.add_argument("--dtype", choices=[*DTYPES, *AUTOCAST], default=S,
+                       help=f"parameter dtype (default {d.dtype}); autocast-bfloat16: float32 parameters, every "
+                       "forward under torch.autocast(device, bfloat16)")
     dtype.add_argument(
         "--dtypes", type=checked_text(parse_dtypes), default=S,
-        help="comma-separated dtypes, e.g. float32,bfloat16,float16: every sweep shape (the main shape if no --sweep) "
-        "runs in each; the main measurement uses the first",
+        help="comma-separated dtypes, e.g. float32,bfloat16,float16 or float32,bfloat16,autocast-bfloat16: every "
+        "sweep shape (the main shape if no --sweep) runs in each; the main measurement uses the first",
     )
     p.add_argument("--batch", type=positive_int, default=S, help=f"streams per batch (default {d.batch})")
     p.add_argument("--seq", type=positive_int, default=S, help=f"BPTT length (default {d.seq})")

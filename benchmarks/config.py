@@ -10,6 +10,13 @@ import torch
 CELL_CHOICES = ("lstm", "gru", "rnn", "all")
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Names that keep float32 parameters and run every forward under torch.autocast to a dtype.
+AUTOCAST = {"autocast-bfloat16": torch.bfloat16}
+
+
+def dtype_setup(name: str) -> tuple[torch.dtype, Optional[torch.dtype]]:
+    """The parameters' dtype that a --dtype/--dtypes name stands for, and its autocast dtype (or None)."""
+    return (torch.float32, AUTOCAST[name]) if name in AUTOCAST else (DTYPES[name], None)
 
 
 @dataclass(frozen=True)
@@ -54,11 +61,11 @@ def parse_sweep(spec: str) -> list[Shape]:
 
 
 def parse_dtypes(spec: str) -> list[str]:
-    """A comma-separated list of distinct ``DTYPES`` names, in the given order."""
+    """A comma-separated list of distinct ``DTYPES`` (or ``AUTOCAST``) names, in the given order."""
     names = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in DTYPES]
+    unknown = [n for n in names if n not in DTYPES and n not in AUTOCAST]
     if unknown or not names:
-        raise ValueError(f"bad dtype list {spec!r}: use comma-separated names from {', '.join(DTYPES)}")
+        raise ValueError(f"bad dtype list {spec!r}: use comma-separated names from {', '.join([*DTYPES, *AUTOCAST])}")
     if len(set(names)) != len(names):
         raise ValueError(f"dtype list {spec!r} names a dtype twice")
     return names

@@ -20,17 +20,17 @@ import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from config import DTYPES, BenchConfig, Plan, Shape
+from config import BenchConfig, Plan, Shape, dtype_setup
 from lstm_ext.shakespeare.data import CharStreams, Vocab, load_text, split
 from lstm_ext.shakespeare.model import CELL_CLASSES, GATES, CharLSTM, State
 from lstm_ext.shakespeare.sample import generate
-from lstm_ext.shakespeare.timing import Contender
+from lstm_ext.shakespeare.timing import Contender, autocast_region
 from lstm_ext.shakespeare.train import evaluate, lm_loss
 from timing import describe_machine, interleaved, matmul_gflops, median_rate, median_ratio, sync, tf32_disabled
 
@@ -152,13 +152,18 @@ def bench_shape(
     shape: Shape, dtype_name: str, cfg: BenchConfig, plan: Plan, corpus: Corpus, device: torch.device
 ) -> tuple[dict[str, Any], dict[str, CharLSTM]]:
     """All measurements for one shape in one dtype; returns the result record and the trained models."""
-    dtype = DTYPES[dtype_name]
+    dtype, autocast = dtype_setup(dtype_name)
+
+    def region() -> ContextManager[Any]:
+        """Where every forward of this shape runs: under torch.autocast for the autocast dtypes."""
+        return autocast_region(device, autocast)
+
     torch.manual_seed(cfg.seed)
     base_model = CharLSTM(len(corpus.vocab), shape.hidden, shape.layers, 0.0, "torch", cfg.proj_size, cfg.cell)
     cand_model = CharLSTM(len(corpus.vocab), shape.hidden, shape.layers, 0.0, cfg.impl, cfg.proj_size, cfg.cell)
     cand_model.load_state_dict(base_model.state_dict())
     models = {BASE: base_model.to(device, dtype), CAND: cand_model.to(device, dtype)}
-    contenders = {name: Contender(m, cfg.lr) for name, m in models.items()}
+    contenders = {name: Contender(m, cfg.lr, autocast) for name, m in models.items()}
     batches = Batches(CharStreams(corpus.train, shape.batch, shape.seq), cfg.packed, device, cfg.seed)
     carry = not cfg.packed  # packed batches hold sequences of mixed lengths: nothing to carry over
     label = f"{shape} {dtype_name}"
@@ -180,7 +185,7 @@ def bench_shape(
 
     def forward_fn(m: CharLSTM) -> Callable[[int], None]:
         def run(r: int) -> None:
-            with torch.no_grad():
+            with torch.no_grad(), region():
                 m(probe[r][0])
         return run
 
@@ -192,11 +197,15 @@ def bench_shape(
     grads = [torch.randn(*_data(i).shape[:-1], cfg.proj_size or shape.hidden, device=device, dtype=dtype) for i in inputs]
 
     def lstm_fn(m: CharLSTM) -> Callable[[int], None]:
-        return lambda r: _data(m.rnn(inputs[r])[0]).backward(grads[r])
+        def run(r: int) -> None:
+            with region():
+                out = _data(m.rnn(inputs[r])[0])
+            out.backward(grads[r].to(out.dtype))
+        return run
 
     times = interleaved([lstm_fn(m) for m in models.values()], len(probe), device, f"{label}: LSTM fwd+bwd")
     lstm = compare(dict(zip(models, times)), tokens, plan.warmup)
-    matmul = matmul_gflops(4 * shape.hidden, dtype, device)
+    matmul = matmul_gflops(4 * shape.hidden, autocast or dtype, device)
     flops_per_token = 3 * lstm_forward_flops(1, shape, cfg.proj_size, cfg.cell)  # backward ~ 2x forward
     for name in models:
         lstm[f"gflops_{name}"] = lstm[name] * flops_per_token / 1e9
@@ -209,17 +218,23 @@ def bench_shape(
         gen_models[CELLS] = cells
 
     def gen_fn(m: CharLSTM) -> Callable[[int], None]:
-        return lambda r: generate(m, corpus.vocab, length=plan.gen_chars, temperature=1.0, seed=r)
+        def run(r: int) -> None:
+            with region():
+                generate(m, corpus.vocab, length=plan.gen_chars, temperature=1.0, seed=r)
+        return run
 
     times = interleaved([gen_fn(m) for m in gen_models.values()], plan.warmup + plan.gen_rounds, device, f"{label}: generation")
     gen = compare(dict(zip(gen_models, times)), [plan.gen_chars] * len(times[0]), plan.warmup)
 
     x, y, _ = probe[0]
-    memory = {
-        "saved_mib": {n: saved_mib(m, x, y) for n, m in models.items()},
-        "peak_mib": {n: peak_mib(m, x, y, device) for n, m in models.items()},
-    }
+    with region():
+        memory = {
+            "saved_mib": {n: saved_mib(m, x, y) for n, m in models.items()},
+            "peak_mib": {n: peak_mib(m, x, y, device) for n, m in models.items()},
+        }
     val_streams = CharStreams(corpus.val, shape.batch, shape.seq)
+    with region():
+        val_loss = {n: evaluate(m, val_streams, plan.eval_batches, device) for n, m in models.items()}
     losses = {n: c.losses for n, c in contenders.items()}
     record = {
         "shape": asdict(shape),
@@ -235,7 +250,7 @@ def bench_shape(
         # Rounding differences make the two trajectories drift apart step by step; their
         # averages over the last tenth show whether they still learn the same.
         "tail_mean_loss": {n: statistics.fmean(ls[-max(1, len(ls) // 10) :]) for n, ls in losses.items()},
-        "val_loss": {n: evaluate(m, val_streams, plan.eval_batches, device) for n, m in models.items()},
+        "val_loss": val_loss,
         "losses": losses,
     }
     return record, models

@@ -8,12 +8,13 @@ current stream (after a synchronize, so nothing earlier is counted); elsewhere w
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -120,11 +121,17 @@ def _lstm_ext_report(op: str) -> str:
         return ""
 
 
+def autocast_region(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager[Any]:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; no change for None."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 class Contender:
     """One model under test with its optimizer and carried training state."""
 
-    def __init__(self, model: nn.Module, lr: float) -> None:
+    def __init__(self, model: nn.Module, lr: float, autocast: Optional[torch.dtype] = None) -> None:
         self.model = model
+        self.autocast = autocast  # the forward and loss run under torch.autocast to this dtype
         # Adam's usual eps of 1e-8 is 0 in float16, and a parameter with no gradient yet
         # would step by 0/0; the dtype's smallest normal number keeps it finite.
         eps = max(1e-8, torch.finfo(next(model.parameters()).dtype).tiny)
@@ -133,8 +140,10 @@ class Contender:
         self.losses: list[float] = []
 
     def train_step(self, x: Union[Tensor, PackedSequence], y: Tensor, carry: bool) -> None:
-        logits, state = self.model(x, self.state)
-        loss = lm_loss(logits, y)
+        device = next(self.model.parameters()).device
+        with autocast_region(device, self.autocast):
+            logits, state = self.model(x, self.state)
+            loss = lm_loss(logits, y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from bench import main
-from config import QUICK, BenchConfig, Shape, parse_dtypes, parse_sweep
+from config import QUICK, BenchConfig, Shape, dtype_setup, parse_dtypes, parse_sweep
 from protocol import BASE, CAND, CELLS, LSTMCellStack, compare, lstm_forward_flops, run_bench
 from timing import cpu_model, tf32_disabled
 
@@ -68,6 +68,19 @@ def test_dtypes_run_every_sweep_shape_in_each(tmp_path: Path, text_file: Path, c
     res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert res["main"]["dtype"] == "float32" and [s["dtype"] for s in res["sweep"]] == ["float32", "bfloat16"]
     assert "| B=4 T=8 H=16 L=1 | bfloat16 |" in capsys.readouterr().out
+
+
+def test_autocast_dtype_runs_float32_models_in_bfloat16(tmp_path: Path, text_file: Path) -> None:
+    argv = ["--quick", "--data", str(text_file), "--steps", "4", "--sweep-steps", "3", "--sweep", "4x8x16x1",
+            "--dtypes", "float32,autocast-bfloat16", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert [s["dtype"] for s in res["sweep"]] == ["float32", "autocast-bfloat16"]
+    # Float32 models under autocast: lstm_ext's op ran in bfloat16 (8 steps: prepared weights).
+    assert any(" bfloat16 m=" in line for line in res["environment"]["gemm"]), res["environment"]["gemm"]
+    assert parse_dtypes("autocast-bfloat16") == ["autocast-bfloat16"]
+    assert dtype_setup("autocast-bfloat16") == (torch.float32, torch.bfloat16)
+    assert dtype_setup("bfloat16") == (torch.bfloat16, None)
 
 
 def test_dtypes_without_sweep_sweep_the_main_shape() -> None:
