@@ -2,7 +2,7 @@
 its time loop apart, one block per thread (CpuBackend::for_each_row_block). Against
 torch's modules, every output and gradient: batches that split unevenly, packed sequences
 whose batch shrinks past the split (rows leave one block before the other), projections,
-both directions, every cell, float32 and float64.
+both directions, every cell, float32 and float64; and bfloat16 split against unsplit.
 """
 from __future__ import annotations
 
@@ -50,3 +50,36 @@ def test_row_blocks_match_torch(bidirectional, packed, cell, dtype):
         results[name] = [y, *states, leaf.grad] + [p.grad for p in module.parameters()]
     for i, (got, expected) in enumerate(zip(results["ext"], results["ref"])):
         close(got, expected, dtype, f"output or gradient {i}")
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: the rows are never split")
+@pytest.mark.parametrize("cell", list(MODULES))
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_bfloat16_row_blocks_equal_one_thread(packed, cell):
+    # bfloat16 splits its rows where its microkernel runs (AVX-512 BF16). Each output element
+    # sums the same products in the same order either way, so two threads (blocks of 6 and 7
+    # rows) must give one thread's results bit for bit.
+    _, ext_cls, extra = MODULES[cell]
+    lengths = [9, 9, 8, 8, 7, 6, 6, 5, 4, 3, 3, 2, 1]
+    ext = ext_cls(6, 16, num_layers=2, bidirectional=True, dtype=torch.bfloat16, **extra)
+    x = torch.randn(9, len(lengths), 6, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            leaf = x.clone().requires_grad_()
+            y, state = ext(pack_padded_sequence(leaf, lengths) if packed else leaf)
+            states = state if isinstance(state, tuple) else (state,)
+            y = y.data if packed else y
+            (y.float().square().sum() + sum((k + 1) * s.float().sum() for k, s in enumerate(states))).backward()
+            results.append([y, *states, leaf.grad] + [p.grad for p in ext.parameters()])
+            ext.zero_grad(set_to_none=True)
+    finally:
+        torch.set_num_threads(threads)
+    recurrent = [line for line in torch.ops.lstm_ext.gemm_choices().splitlines()
+                 if line.startswith(f"recurrent bfloat16 m={len(lengths)} ")]
+    if not recurrent or not all(": microkernel (" in line for line in recurrent):
+        pytest.skip("bfloat16 runs on ATen's GEMM here: its rows are not split")
+    for i, (got, expected) in enumerate(zip(results[1], results[0])):
+        assert torch.equal(got, expected), f"output or gradient {i}"
