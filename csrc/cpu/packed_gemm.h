@@ -63,8 +63,6 @@ class PackedWeight {
       : k_(w.k()), n_(w.n()), num_panels_((n_ + kPanel - 1) / kPanel),
         panel_size_(kPanel * ((k_ + kDepth - 1) / kDepth * kDepth)),
         panels_(at::empty({num_panels_ * panel_size_}, c10::CppTypeToScalarType<scalar_t>::value)) {
-    // op(W)[p, j] = w.data[p * sk + j * sn]
-    const int64_t sk = w.transposed ? 1 : w.cols, sn = w.transposed ? w.cols : 1;
     scalar_t* out = panels_.data_ptr<scalar_t>();
     // A small weight packs faster than another thread wakes up: ~64K elements each.
     const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, panel_size_));
@@ -72,10 +70,21 @@ class PackedWeight {
       for (int64_t panel = begin; panel < end; ++panel) {
         scalar_t* dst = out + panel * panel_size_;
         const int64_t j0 = panel * kPanel, cols = std::min(kPanel, n_ - j0);
-        for (int64_t p = 0; p < panel_size_ / kPanel; ++p) {
-          scalar_t* group = dst + (p / kDepth) * kPanel * kDepth + p % kDepth;
-          for (int64_t jj = 0; jj < kPanel; ++jj) {
-            group[jj * kDepth] = p < k_ && jj < cols ? w.data[p * sk + (j0 + jj) * sn] : scalar_t(0);
+        auto element = [dst](int64_t p, int64_t jj) -> scalar_t& {
+          return dst[(p / kDepth) * kPanel * kDepth + jj * kDepth + p % kDepth];
+        };
+        std::fill(dst, dst + panel_size_, scalar_t(0));  // the padding: columns past n, k past k()
+        // Each loop reads W's rows contiguously. (A loop over op(W)'s elements with a branch
+        // for the padding took 8% of the samples of a B=8 T=50 H=64 L=2 inference.)
+        if (w.transposed) {  // op(W)[p, j] = W[j, p]
+          for (int64_t jj = 0; jj < cols; ++jj) {
+            const scalar_t* row = w.data + (j0 + jj) * w.cols;
+            for (int64_t p = 0; p < k_; ++p) element(p, jj) = row[p];
+          }
+        } else {  // op(W)[p, j] = W[p, j]
+          for (int64_t p = 0; p < k_; ++p) {
+            const scalar_t* row = w.data + p * w.cols + j0;
+            for (int64_t jj = 0; jj < cols; ++jj) element(p, jj) = row[jj];
           }
         }
       }
