@@ -195,12 +195,14 @@ def bench_shape(
     # The LSTM alone, on random inputs of the embedding's width, for the matmul-rate comparison.
     inputs = [_lstm_input(p[0], shape.hidden, dtype) for p in probe]
     grads = [torch.randn(*_data(i).shape[:-1], cfg.proj_size or shape.hidden, device=device, dtype=dtype) for i in inputs]
+    # Under autocast the output may come in either dtype: both casts are made here, untimed.
+    grads_as = {dt: [g.to(dt) for g in grads] for dt in {dtype, autocast or dtype}}
 
     def lstm_fn(m: CharLSTM) -> Callable[[int], None]:
         def run(r: int) -> None:
             with region():
                 out = _data(m.rnn(inputs[r])[0])
-            out.backward(grads[r].to(out.dtype))
+            out.backward(grads_as[out.dtype][r])
         return run
 
     times = interleaved([lstm_fn(m) for m in models.values()], len(probe), device, f"{label}: LSTM fwd+bwd")

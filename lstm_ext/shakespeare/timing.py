@@ -132,6 +132,7 @@ class Contender:
     def __init__(self, model: nn.Module, lr: float, autocast: Optional[torch.dtype] = None) -> None:
         self.model = model
         self.autocast = autocast  # the forward and loss run under torch.autocast to this dtype
+        self.device = next(model.parameters()).device
         # Adam's usual eps of 1e-8 is 0 in float16, and a parameter with no gradient yet
         # would step by 0/0; the dtype's smallest normal number keeps it finite.
         eps = max(1e-8, torch.finfo(next(model.parameters()).dtype).tiny)
@@ -140,8 +141,7 @@ class Contender:
         self.losses: list[float] = []
 
     def train_step(self, x: Union[Tensor, PackedSequence], y: Tensor, carry: bool) -> None:
-        device = next(self.model.parameters()).device
-        with autocast_region(device, self.autocast):
+        with autocast_region(self.device, self.autocast):
             logits, state = self.model(x, self.state)
             loss = lm_loss(logits, y)
         self.opt.zero_grad(set_to_none=True)
