@@ -6,6 +6,7 @@ The choice is read once per process, so every case runs in a child python.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,16 +98,39 @@ def float32_choices(out: str, role: str = "", dtype: str = "float32") -> list[st
     return lines
 
 
+def _cpuinfo() -> tuple[str, set[str]]:
+    """The CPU's vendor and flags as Linux reports them ("", {} elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    vendor = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.M)
+    flags = re.search(r"^flags\s*:(.*)$", text, re.M)
+    return (vendor.group(1) if vendor else ""), set(flags.group(1).split() if flags else ())
+
+
+VENDOR, FLAGS = _cpuinfo()
+INTEL = VENDOR == "GenuineIntel"
+
+
 def bf16_microkernel_runs(out: str) -> bool:
     """Whether the child ran the bfloat16 microkernel's compilation (AVX-512) on a CPU with
     AVX-512 BF16 (Linux's /proc/cpuinfo flag avx512_bf16)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
-    return "cpu_capability: avx512" in out and "avx512_bf16" in flags
+    return "cpu_capability: avx512" in out and "avx512_bf16" in FLAGS
+
+
+def by_cpu(line: str) -> str:
+    """What the default's rule (gemm_select.h) picks for a line of the choices report, and why."""
+    if " bfloat16 " in line:
+        return "aten (default: AMX)" if "amx_bf16" in FLAGS else "microkernel (default: no AMX)"
+    if line.startswith("weight gradient "):
+        return "blas (default: Intel CPU)" if INTEL else "onednn (default: not an Intel CPU)"
+    if not INTEL:
+        return "microkernel (default: not an Intel CPU)"
+    m, n, k = (int(re.search(rf" {d}=(\d+)", line).group(1)) for d in "mnk")
+    return "mkl (default: Intel CPU, m n k >= 2^22)" if m * n * k >= 1 << 22 else "microkernel (default: Intel CPU, m n k < 2^22)"
 
 
 # LSTM_EXT_GEMM -> (the prepared weights' implementation, the weight gradients').
-FORCED = {None: ("microkernel", "onednn"), "microkernel": ("microkernel", "onednn"), "mkl": ("mkl", "blas")}
+FORCED = {"microkernel": ("microkernel", "onednn"), "mkl": ("mkl", "blas")}
 
 
 @pytest.mark.parametrize("mode", ["auto", "mkl", "microkernel", None])
@@ -119,12 +143,50 @@ def test_forced_gemm_matches_nn_lstm(mode, child_env):
     if mode == "auto":
         assert all("(timed: " in line or "unavailable)" in line for line in float32_choices(proc.stdout)), proc.stdout
         return
-    prepared, weight = FORCED[mode]
-    why = "default" if mode is None else "LSTM_EXT_GEMM"
-    if not any("MKL packed GEMM unavailable" in line for line in float32_choices(proc.stdout, "prepared")):
-        assert all(line.endswith(f": {prepared} ({why})") for line in float32_choices(proc.stdout, "prepared")), proc.stdout
-    if not any("oneDNN matmul unavailable" in line for line in float32_choices(proc.stdout, "weight")):
-        assert all(line.endswith(f": {weight} ({why})") for line in float32_choices(proc.stdout, "weight")), proc.stdout
+    for role, unavailable in (("prepared", "MKL packed GEMM unavailable"), ("weight", "oneDNN matmul unavailable")):
+        lines = float32_choices(proc.stdout, role)
+        if any(unavailable in line for line in lines):
+            continue
+        if mode is None:
+            assert all(line.endswith(f": {by_cpu(line)}") for line in lines), proc.stdout
+        else:
+            expected = FORCED[mode][role == "weight"]
+            assert all(line.endswith(f": {expected} (LSTM_EXT_GEMM)") for line in lines), proc.stdout
+
+
+# An LSTM whose input projection and dx have m n k >= 2^22 (320 x 512 x 128), its per-step
+# GEMMs fewer (32 x 512 x 128): on an Intel CPU the default runs both MKL and the microkernel.
+LARGE_CHILD = r"""
+import torch
+import lstm_ext
+
+torch.manual_seed(0)
+ref = torch.nn.LSTM(128, 128, batch_first=True)
+ext = lstm_ext.LSTM(128, 128, batch_first=True)
+ext.load_state_dict(ref.state_dict())
+x = torch.randn(32, 10, 128)
+grads = []
+for module in (ref, ext):
+    leaf = x.clone().requires_grad_()
+    y, (h, c) = module(leaf)
+    (y.square().sum() + h.sum() + 2 * c.sum()).backward()
+    grads.append([y, h, c, leaf.grad] + [p.grad for p in module.parameters()])
+for i, (got, expected) in enumerate(zip(*reversed(grads))):
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5 * max(1.0, expected.abs().max().item()), msg=lambda m: f"output {i}: {m}")
+print(torch.ops.lstm_ext.gemm_choices(), end="")
+"""
+
+
+def test_default_rule_on_a_larger_lstm(child_env):
+    env = {k: v for k, v in child_env.items() if not k.startswith("LSTM_EXT_GEMM")}
+    proc = subprocess.run([sys.executable, "-c", LARGE_CHILD], cwd=REPO, env=dict(env, OMP_NUM_THREADS="2"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = float32_choices(proc.stdout)
+    assert any(" m=320 n=512 k=128 " in line for line in lines), proc.stdout  # the rule's two sides are both here
+    assert any(" m=32 n=512 k=128 " in line for line in lines), proc.stdout
+    if not any("unavailable" in line for line in lines):
+        assert all(line.endswith(f": {by_cpu(line)}") for line in lines), proc.stdout
 
 
 @pytest.mark.parametrize("mode", ["auto", "mkl"])
@@ -151,10 +213,11 @@ def test_unknown_gemm_mode_is_an_error(child_env):
     assert "LSTM_EXT_GEMM must be auto, mkl or microkernel, but got 'fastest'" in proc.stderr
 
 
-@pytest.mark.parametrize("mode", ["auto", "mkl", None])
+@pytest.mark.parametrize("mode", ["auto", "mkl", "microkernel", None])
 def test_bfloat16_gemms_match_nn_lstm(mode, child_env):
     # bfloat16's prepared weights: the AVX-512 BF16 microkernel where the CPU has it (the
-    # default), ATen's GEMM with LSTM_EXT_GEMM=mkl, the faster of the two with auto.
+    # default without AMX, and LSTM_EXT_GEMM=microkernel), ATen's GEMM with LSTM_EXT_GEMM=mkl
+    # and by default with AMX, the faster of the two with auto.
     # float32 and float64 first, for the random draws known to keep bfloat16's relu gradients
     # off zero (see CALLS).
     dtypes = {"CHILD_DTYPES": "float32,float64,bfloat16"}
@@ -165,6 +228,8 @@ def test_bfloat16_gemms_match_nn_lstm(mode, child_env):
         assert all(line.endswith(": aten (no AVX-512 BF16 microkernel here)") for line in lines), proc.stdout
     elif mode == "auto":
         assert all("(timed: " in line for line in lines), proc.stdout
+    elif mode is None:
+        assert all(line.endswith(f": {by_cpu(line)}") for line in lines), proc.stdout
     else:
-        expected = ": microkernel (default)" if mode is None else ": aten (LSTM_EXT_GEMM)"
-        assert all(line.endswith(expected) for line in lines), proc.stdout
+        expected = {"microkernel": "microkernel", "mkl": "aten"}[mode]
+        assert all(line.endswith(f": {expected} (LSTM_EXT_GEMM)") for line in lines), proc.stdout

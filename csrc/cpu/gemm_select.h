@@ -1,27 +1,37 @@
 // Run-time choice of the library behind each GEMM of a layer.
 //  * The float32 GEMMs against a prepared weight (input projection, per-step, dx):
 //    packed_gemm's microkernel or MKL's packed GEMM (cblas_sgemm_pack/compute, exported by
-//    torch's libtorch_cpu when torch is built with MKL). Neither wins everywhere: issue 10
-//    reports MKL's packed GEMM at 2-2.7x the microkernel's rate on the per-step shapes of
-//    an Intel Xeon with AMX; on an AMD EPYC with AVX-512 the microkernel ran them 1.4-2x
-//    faster than MKL (large input projections and dx within +-10%).
+//    torch's libtorch_cpu when torch is built with MKL). Neither wins everywhere. On an
+//    Intel Xeon with AVX-512 and AMX (2 threads) MKL ran the per-step GEMMs of m n k >= 2^22
+//    multiply-adds 1.04-1.34x faster than the microkernel (one case of twelve 0.75x), and
+//    the microkernel ran most smaller ones faster (up to 2.4x at m=4 n=256 k=64); on an
+//    AMD EPYC Zen 4 with AVX-512 the microkernel ran the per-step shapes 1.4-2x faster than
+//    MKL (large input projections and dx within +-10%). MKL picks its kernels by CPU vendor.
 //  * The bfloat16 ones: packed_gemm's AVX-512 BF16 microkernel, where the CPU has it, or
 //    ATen's GEMM (oneDNN). On an AMD EPYC Zen 4 the microkernel ran the per-step GEMM of
 //    B=64 H=256 (m=64 n=1024 k=256) at 417 GFLOP/s on 2 threads, ATen's at 163 in the
-//    time loop. Not measured on a CPU with AMX, where oneDNN's GEMM may be the faster
-//    (LSTM_EXT_GEMM=auto times both). Half: ATen's GEMM.
+//    time loop. On the Intel Xeon oneDNN runs them on AMX: there an LSTM's forward+backward
+//    at B=64 T=100 H=256 L=2 took 91 ms on ATen's GEMM, 245 ms on the microkernel.
+//    Half: ATen's GEMM.
 //  * The weight gradients (dg^T a over all steps, a long k): oneDNN's matmul as ATen runs
 //    it, on the strided operands as they are, or torch's BLAS (at::mm: MKL on x86 wheels).
 //    On an AMD EPYC Zen 4 oneDNN ran them up to 20% faster from k ~2500 (k=3200-6400:
-//    150-180 GFLOP/s, MKL 136-150), and within noise of MKL at k=400.
-//   LSTM_EXT_GEMM=microkernel (the default: the microkernel, weight gradients on oneDNN)
-//     or mkl (the libraries: MKL for all float32 GEMMs, ATen's for bfloat16) picks one
-//     family for every GEMM;
+//    150-180 GFLOP/s, MKL 136-150), and within noise of MKL at k=400; on the Intel Xeon
+//    MKL ran them 4-20% faster.
+//   LSTM_EXT_GEMM unset (the default) chooses by the CPU, as measured above: on an Intel
+//     CPU the libraries (MKL's packed GEMM for the float32 GEMMs of m n k >= 2^22, the
+//     microkernel for smaller ones, MKL's BLAS for the weight gradients), elsewhere the
+//     microkernel and oneDNN's weight gradients; bfloat16 on ATen's GEMM where the CPU has
+//     AMX, on the microkernel where it has AVX-512 BF16 only.
+//   LSTM_EXT_GEMM=microkernel (the microkernel, weight gradients on oneDNN) or mkl (the
+//     libraries: MKL for all float32 GEMMs, ATen's for bfloat16) picks one family for
+//     every GEMM;
 //   LSTM_EXT_GEMM=auto times both candidates once for the first GEMM of a (role, m, n, k,
 //     dtype, threads) and keeps the faster for the process, like cuDNN's algorithm
 //     search. Not the default: a timed choice can differ between runs (two candidates
 //     within noise), and with it the float32 rounding, so a resumed run would no longer
-//     repeat an uninterrupted one exactly.
+//     repeat an uninterrupted one exactly. The default's rule gives the same choice on
+//     every run on one machine.
 //   LSTM_EXT_GEMM_DISABLE_MKL=1 and LSTM_EXT_GEMM_DISABLE_ONEDNN=1 act as a torch without
 //     MKL's packed GEMM or without oneDNN's matmul would, for tests.
 // The variables are read once. MKL has no float64 packed GEMM in torch's exports, oneDNN
@@ -41,6 +51,10 @@
 #include <sstream>
 #include <string>
 #include <tuple>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include "../backend_api.h"
 #include "packed_gemm.h"
@@ -69,18 +83,55 @@ inline bool env_is(const char* name, const char* value) {
   return v != nullptr && std::string(v) == value;
 }
 
-// LSTM_EXT_GEMM: the implementation it names, or none for "auto" (time the candidates).
-inline std::optional<GemmImpl> forced_impl() {
-  static const std::optional<GemmImpl> forced = [] () -> std::optional<GemmImpl> {
+// How LSTM_EXT_GEMM chooses: by the CPU (unset), one family for all, or timed.
+enum class Mode { kByCpu, kMicrokernel, kLibrary, kAuto };
+
+inline Mode mode() {
+  static const Mode m = [] {
     const char* v = std::getenv("LSTM_EXT_GEMM");
-    const std::string mode = v == nullptr || *v == '\0' ? "microkernel" : v;
-    if (mode == "mkl") return GemmImpl::kMkl;
-    if (mode == "microkernel") return GemmImpl::kMicrokernel;
-    TORCH_CHECK(mode == "auto", "lstm_ext: LSTM_EXT_GEMM must be auto, mkl or microkernel, but got '", mode, "'");
-    return std::nullopt;
+    const std::string name = v == nullptr ? "" : v;
+    if (name.empty()) return Mode::kByCpu;
+    if (name == "mkl") return Mode::kLibrary;
+    if (name == "microkernel") return Mode::kMicrokernel;
+    TORCH_CHECK(name == "auto", "lstm_ext: LSTM_EXT_GEMM must be auto, mkl or microkernel, but got '", name, "'");
+    return Mode::kAuto;
   }();
-  return forced;
+  return m;
 }
+
+// The CPU facts the default's rule reads (false off x86).
+inline bool cpu_is_intel() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+#else
+  return false;
+#endif
+}
+
+// AMX-BF16 in CPUID (leaf 7, EDX bit 22) and the tile state enabled by the OS in XCR0
+// (bits 17 and 18), as oneDNN needs to run its bfloat16 GEMMs on AMX.
+inline bool cpu_has_amx_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool amx = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22))) return false;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE: xgetbv runs
+    unsigned xcr0_low = 0, xcr0_high = 0;
+    __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+    return (xcr0_low & (3u << 17)) == (3u << 17);
+  }();
+  return amx;
+#else
+  return false;
+#endif
+}
+
+// The default's threshold for MKL's packed GEMM on an Intel CPU, in multiply-adds m n k.
+constexpr int64_t kMklMinMacs = int64_t{1} << 22;
 
 inline const char* role_name(GemmRole role) {
   switch (role) {
@@ -218,18 +269,20 @@ void aten_gemm(int64_t m, const scalar_t* a, int64_t lda, const WeightOperand<sc
 
 namespace gemm_select_detail {
 
-// The two candidates of a GEMM: `first` runs under LSTM_EXT_GEMM=microkernel (the
-// default), `second` under LSTM_EXT_GEMM=mkl. `only` is set when just one of them can run
-// here, `why_only` says why.
+// The two candidates of a GEMM: `first` runs under LSTM_EXT_GEMM=microkernel, `second`
+// under LSTM_EXT_GEMM=mkl, `by_cpu` (`first` or `second`) by default, for the reason
+// `why_by_cpu`. `only` is set when just one of them can run here, `why_only` says why.
 struct Candidates {
   GemmImpl first, second;
-  std::optional<GemmImpl> only;
-  const char* why_only;
+  GemmImpl by_cpu;
+  const char* why_by_cpu;
+  std::optional<GemmImpl> only = std::nullopt;
+  const char* why_only = "";
 };
 
 // The process-wide choice for `key`, made when first asked: the only candidate, the one
-// LSTM_EXT_GEMM names, or with "auto" the faster of the two calls timed (time_first and
-// time_second, on scratch data of the real shape).
+// the CPU's rule or LSTM_EXT_GEMM names, or with "auto" the faster of the two calls timed
+// (time_first and time_second, on scratch data of the real shape).
 template <class TimeFirst, class TimeSecond>
 GemmImpl choose(const Key& key, const Candidates& c, const TimeFirst& time_first, const TimeSecond& time_second) {
   Table& t = table();
@@ -237,13 +290,12 @@ GemmImpl choose(const Key& key, const Candidates& c, const TimeFirst& time_first
     std::lock_guard<std::mutex> lock(t.mutex);
     if (auto it = t.choices.find(key); it != t.choices.end()) return it->second.impl;
   }
-  Choice choice{c.first, ""};
+  Choice choice{c.by_cpu, std::string("default: ") + c.why_by_cpu};
   if (c.only) {
     choice = {*c.only, c.why_only};
-  } else if (const std::optional<GemmImpl> forced = forced_impl()) {
-    const char* mode = std::getenv("LSTM_EXT_GEMM");
-    choice = {*forced == GemmImpl::kMkl ? c.second : c.first, mode != nullptr && *mode != '\0' ? "LSTM_EXT_GEMM" : "default"};
-  } else {
+  } else if (mode() == Mode::kMicrokernel || mode() == Mode::kLibrary) {
+    choice = {mode() == Mode::kLibrary ? c.second : c.first, "LSTM_EXT_GEMM"};
+  } else if (mode() == Mode::kAuto) {
     const auto [first_s, second_s] = seconds_per_call(time_first, time_second);
     std::ostringstream why;
     why.precision(3);
@@ -264,11 +316,22 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
   using namespace gemm_select_detail;
   const Key key{use.role, use.rows, w.n(), w.k(), c10::CppTypeToScalarType<scalar_t>::value, at::get_num_threads()};
   if constexpr (std::is_same_v<scalar_t, double>) {
-    return choose(key, {GemmImpl::kMicrokernel, GemmImpl::kMkl, GemmImpl::kMicrokernel, "no MKL packed GEMM for this dtype"},
+    return choose(key,
+                  {GemmImpl::kMicrokernel, GemmImpl::kMkl, GemmImpl::kMicrokernel, "", GemmImpl::kMicrokernel,
+                   "no MKL packed GEMM for this dtype"},
                   [] {}, [] {});
   } else {
     constexpr bool kFloat = std::is_same_v<scalar_t, float>;
-    Candidates candidates{GemmImpl::kMicrokernel, kFloat ? GemmImpl::kMkl : GemmImpl::kAten, std::nullopt, ""};
+    Candidates candidates{GemmImpl::kMicrokernel, kFloat ? GemmImpl::kMkl : GemmImpl::kAten, GemmImpl::kMicrokernel,
+                          ""};
+    if constexpr (kFloat) {
+      const bool large = use.rows * w.n() * w.k() >= kMklMinMacs;
+      if (cpu_is_intel() && large) candidates.by_cpu = GemmImpl::kMkl;
+      candidates.why_by_cpu = !cpu_is_intel() ? "not an Intel CPU" : large ? "Intel CPU, m n k >= 2^22" : "Intel CPU, m n k < 2^22";
+    } else {
+      if (cpu_has_amx_bf16()) candidates.by_cpu = GemmImpl::kAten;
+      candidates.why_by_cpu = cpu_has_amx_bf16() ? "AMX" : "no AMX";
+    }
     if constexpr (kFloat) {
       if (!mkl_packed_gemm_available() || !MklPackedWeight::fits(use.rows, w)) {
         candidates.only = GemmImpl::kMicrokernel;
@@ -338,7 +401,8 @@ inline at::Tensor float_weight_grad(const at::Tensor& dg, const at::Tensor& a) {
     ::at::native::mkldnn_matmul(dg_.t(), a_, out, 0, 1);
   };
   try {
-    Candidates candidates{GemmImpl::kOneDnn, GemmImpl::kBlas, std::nullopt, ""};
+    Candidates candidates{GemmImpl::kOneDnn, GemmImpl::kBlas, cpu_is_intel() ? GemmImpl::kBlas : GemmImpl::kOneDnn,
+                          cpu_is_intel() ? "Intel CPU" : "not an Intel CPU"};
     if (!onednn_matmul_available()) {
       candidates.only = GemmImpl::kBlas;
       candidates.why_only = "oneDNN matmul unavailable";
