@@ -119,14 +119,17 @@ def bf16_microkernel_runs(out: str) -> bool:
 
 def by_cpu(line: str) -> str:
     """What the default's rule (gemm_select.h) picks for a line of the choices report, and why."""
-    if " bfloat16 " in line:
-        return "aten (default: AMX)" if "amx_bf16" in FLAGS else "microkernel (default: no AMX)"
     if line.startswith("weight gradient "):
         return "blas (default: Intel CPU)" if INTEL else "onednn (default: not an Intel CPU)"
+    m, n, k = (int(re.search(rf" {d}=(\d+)", line).group(1)) for d in "mnk")
+    size = "m n k >= 2^22" if m * n * k >= 1 << 22 else "m n k < 2^22"
+    if " bfloat16 " in line:
+        if "amx_bf16" not in FLAGS:
+            return "microkernel (default: no AMX)"
+        return f"{'aten' if m * n * k >= 1 << 22 else 'microkernel'} (default: AMX, {size})"
     if not INTEL:
         return "microkernel (default: not an Intel CPU)"
-    m, n, k = (int(re.search(rf" {d}=(\d+)", line).group(1)) for d in "mnk")
-    return "mkl (default: Intel CPU, m n k >= 2^22)" if m * n * k >= 1 << 22 else "microkernel (default: Intel CPU, m n k < 2^22)"
+    return f"{'mkl' if m * n * k >= 1 << 22 else 'microkernel'} (default: Intel CPU, {size})"
 
 
 # LSTM_EXT_GEMM -> (the prepared weights' implementation, the weight gradients').
@@ -155,16 +158,21 @@ def test_forced_gemm_matches_nn_lstm(mode, child_env):
 
 
 # An LSTM whose input projection and dx have m n k >= 2^22 (320 x 512 x 128), its per-step
-# GEMMs fewer (32 x 512 x 128): on an Intel CPU the default runs both MKL and the microkernel.
+# GEMMs fewer (32 x 512 x 128): on an Intel CPU (float32) or one with AMX (bfloat16) the
+# default runs both a library and the microkernel.
 LARGE_CHILD = r"""
+import os
+
 import torch
 import lstm_ext
 
+dtype = getattr(torch, os.environ["CHILD_DTYPE"])
+tol = {torch.float32: 2e-5, torch.bfloat16: 5e-2}[dtype]
 torch.manual_seed(0)
-ref = torch.nn.LSTM(128, 128, batch_first=True)
-ext = lstm_ext.LSTM(128, 128, batch_first=True)
+ref = torch.nn.LSTM(128, 128, batch_first=True, dtype=dtype)
+ext = lstm_ext.LSTM(128, 128, batch_first=True, dtype=dtype)
 ext.load_state_dict(ref.state_dict())
-x = torch.randn(32, 10, 128)
+x = torch.randn(32, 10, 128, dtype=dtype)
 grads = []
 for module in (ref, ext):
     leaf = x.clone().requires_grad_()
@@ -172,21 +180,29 @@ for module in (ref, ext):
     (y.square().sum() + h.sum() + 2 * c.sum()).backward()
     grads.append([y, h, c, leaf.grad] + [p.grad for p in module.parameters()])
 for i, (got, expected) in enumerate(zip(*reversed(grads))):
-    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5 * max(1.0, expected.abs().max().item()), msg=lambda m: f"output {i}: {m}")
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol * max(1.0, expected.abs().max().item()), msg=lambda m: f"output {i}: {m}")
+print("cpu_capability:", torch.ops.lstm_ext.cpu_capability())
 print(torch.ops.lstm_ext.gemm_choices(), end="")
 """
 
 
-def test_default_rule_on_a_larger_lstm(child_env):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_default_rule_on_a_larger_lstm(dtype, child_env):
     env = {k: v for k, v in child_env.items() if not k.startswith("LSTM_EXT_GEMM")}
-    proc = subprocess.run([sys.executable, "-c", LARGE_CHILD], cwd=REPO, env=dict(env, OMP_NUM_THREADS="2"),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", LARGE_CHILD], cwd=REPO,
+                          env=dict(env, OMP_NUM_THREADS="2", CHILD_DTYPE=dtype), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr
-    lines = float32_choices(proc.stdout)
+    lines = float32_choices(proc.stdout, "prepared", dtype=dtype)
     assert any(" m=320 n=512 k=128 " in line for line in lines), proc.stdout  # the rule's two sides are both here
     assert any(" m=32 n=512 k=128 " in line for line in lines), proc.stdout
-    if not any("unavailable" in line for line in lines):
-        assert all(line.endswith(f": {by_cpu(line)}") for line in lines), proc.stdout
+    if dtype == "float32":
+        lines += float32_choices(proc.stdout, "weight")
+        if any("unavailable" in line for line in lines):
+            return
+    elif not bf16_microkernel_runs(proc.stdout):
+        return  # ATen's GEMM only: test_bfloat16_gemms_match_nn_lstm checks that
+    assert all(line.endswith(f": {by_cpu(line)}") for line in lines), proc.stdout
 
 
 @pytest.mark.parametrize("mode", ["auto", "mkl"])

@@ -22,7 +22,8 @@
 //     CPU the libraries (MKL's packed GEMM for the float32 GEMMs of m n k >= 2^22, the
 //     microkernel for smaller ones, MKL's BLAS for the weight gradients), elsewhere the
 //     microkernel and oneDNN's weight gradients; bfloat16 on ATen's GEMM where the CPU has
-//     AMX, on the microkernel where it has AVX-512 BF16 only.
+//     AMX (m n k >= 2^22; smaller ones on the microkernel), on the microkernel where it has
+//     AVX-512 BF16 only.
 //   LSTM_EXT_GEMM=microkernel (the microkernel, weight gradients on oneDNN) or mkl (the
 //     libraries: MKL for all float32 GEMMs, ATen's for bfloat16) picks one family for
 //     every GEMM;
@@ -130,8 +131,11 @@ inline bool cpu_has_amx_bf16() {
 #endif
 }
 
-// The default's threshold for MKL's packed GEMM on an Intel CPU, in multiply-adds m n k.
-constexpr int64_t kMklMinMacs = int64_t{1} << 22;
+// The default's threshold for the libraries on an Intel CPU, in multiply-adds m n k: below
+// it the microkernel ran most per-step GEMMs faster than MKL's packed GEMM (float32), and
+// faster than oneDNN's AMX GEMM through ATen, whose calls took >= 30 us whatever the size
+// (bfloat16: 0.5-29 us on the microkernel below 2^21, 1.0-2.4x ATen's time at 2^21-2^22).
+constexpr int64_t kLibraryMinMacs = int64_t{1} << 22;
 
 inline const char* role_name(GemmRole role) {
   switch (role) {
@@ -324,13 +328,13 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
     constexpr bool kFloat = std::is_same_v<scalar_t, float>;
     Candidates candidates{GemmImpl::kMicrokernel, kFloat ? GemmImpl::kMkl : GemmImpl::kAten, GemmImpl::kMicrokernel,
                           ""};
+    const bool large = use.rows * w.n() * w.k() >= kLibraryMinMacs;
     if constexpr (kFloat) {
-      const bool large = use.rows * w.n() * w.k() >= kMklMinMacs;
       if (cpu_is_intel() && large) candidates.by_cpu = GemmImpl::kMkl;
       candidates.why_by_cpu = !cpu_is_intel() ? "not an Intel CPU" : large ? "Intel CPU, m n k >= 2^22" : "Intel CPU, m n k < 2^22";
     } else {
-      if (cpu_has_amx_bf16()) candidates.by_cpu = GemmImpl::kAten;
-      candidates.why_by_cpu = cpu_has_amx_bf16() ? "AMX" : "no AMX";
+      if (cpu_has_amx_bf16() && large) candidates.by_cpu = GemmImpl::kAten;
+      candidates.why_by_cpu = !cpu_has_amx_bf16() ? "no AMX" : large ? "AMX, m n k >= 2^22" : "AMX, m n k < 2^22";
     }
     if constexpr (kFloat) {
       if (!mkl_packed_gemm_available() || !MklPackedWeight::fits(use.rows, w)) {
