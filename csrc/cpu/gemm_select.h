@@ -3,10 +3,11 @@
 //    packed_gemm's microkernel or MKL's packed GEMM (cblas_sgemm_pack/compute, exported by
 //    torch's libtorch_cpu when torch is built with MKL). Neither wins everywhere. On an
 //    Intel Xeon with AVX-512 and AMX (2 threads) MKL ran the per-step GEMMs of m n k >= 2^22
-//    multiply-adds 1.04-1.34x faster than the microkernel (one case of twelve 0.75x), and
-//    the microkernel ran most smaller ones faster (up to 2.4x at m=4 n=256 k=64); on an
-//    AMD EPYC Zen 4 with AVX-512 the microkernel ran the per-step shapes 1.4-2x faster than
-//    MKL (large input projections and dx within +-10%). MKL picks its kernels by CPU vendor.
+//    multiply-adds 1.00-1.34x as fast as the microkernel (16 of 18 shapes; 0.75x and 0.99x
+//    in two), and the microkernel ran most smaller ones faster (up to 2.4x at m=4 n=256
+//    k=64); on an AMD EPYC Zen 4 with AVX-512 the microkernel ran the per-step shapes
+//    1.4-2x faster than MKL (large input projections and dx within +-10%). MKL picks its
+//    kernels by CPU vendor.
 //  * The bfloat16 ones: packed_gemm's AVX-512 BF16 microkernel, where the CPU has it, or
 //    ATen's GEMM (oneDNN). On an AMD EPYC Zen 4 the microkernel ran the per-step GEMM of
 //    B=64 H=256 (m=64 n=1024 k=256) at 417 GFLOP/s on 2 threads, ATen's at 163 in the
