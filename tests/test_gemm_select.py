@@ -122,14 +122,15 @@ def by_cpu(line: str) -> str:
     if line.startswith("weight gradient "):
         return "blas (default: Intel CPU)" if INTEL else "onednn (default: not an Intel CPU)"
     m, n, k = (int(re.search(rf" {d}=(\d+)", line).group(1)) for d in "mnk")
-    size = "m n k >= 2^22" if m * n * k >= 1 << 22 else "m n k < 2^22"
+    large = m * n * k >= 1 << 22
+    size = "m n k >= 2^22" if large else "m n k < 2^22"
     if " bfloat16 " in line:
         if "amx_bf16" not in FLAGS:
             return "microkernel (default: no AMX)"
-        return f"{'aten' if m * n * k >= 1 << 22 else 'microkernel'} (default: AMX, {size})"
+        return f"{'aten' if large else 'microkernel'} (default: AMX, {size})"
     if not INTEL:
         return "microkernel (default: not an Intel CPU)"
-    return f"{'mkl' if m * n * k >= 1 << 22 else 'microkernel'} (default: Intel CPU, {size})"
+    return f"{'mkl' if large else 'microkernel'} (default: Intel CPU, {size})"
 
 
 # LSTM_EXT_GEMM -> (the prepared weights' implementation, the weight gradients').

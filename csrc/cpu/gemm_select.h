@@ -333,19 +333,18 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
     if constexpr (kFloat) {
       if (cpu_is_intel() && large) candidates.by_cpu = GemmImpl::kMkl;
       candidates.why_by_cpu = !cpu_is_intel() ? "not an Intel CPU" : large ? "Intel CPU, m n k >= 2^22" : "Intel CPU, m n k < 2^22";
-    } else {
-      if (cpu_has_amx_bf16() && large) candidates.by_cpu = GemmImpl::kAten;
-      candidates.why_by_cpu = !cpu_has_amx_bf16() ? "no AMX" : large ? "AMX, m n k >= 2^22" : "AMX, m n k < 2^22";
-    }
-    if constexpr (kFloat) {
       if (!mkl_packed_gemm_available() || !MklPackedWeight::fits(use.rows, w)) {
         candidates.only = GemmImpl::kMicrokernel;
         candidates.why_only = "MKL packed GEMM unavailable";
       }
-    } else if (!packed_gemm_runs<scalar_t>()) {
-      candidates.only = GemmImpl::kAten;
-      candidates.why_only = std::is_same_v<scalar_t, at::BFloat16> ? "no AVX-512 BF16 microkernel here"
-                                                                    : "no microkernel for this dtype";
+    } else {
+      if (cpu_has_amx_bf16() && large) candidates.by_cpu = GemmImpl::kAten;
+      candidates.why_by_cpu = !cpu_has_amx_bf16() ? "no AMX" : large ? "AMX, m n k >= 2^22" : "AMX, m n k < 2^22";
+      if (!packed_gemm_runs<scalar_t>()) {
+        candidates.only = GemmImpl::kAten;
+        candidates.why_only = std::is_same_v<scalar_t, at::BFloat16> ? "no AVX-512 BF16 microkernel here"
+                                                                      : "no microkernel for this dtype";
+      }
     }
     // Timed (with "auto" only) on the real weight and zero inputs, into a scratch C.
     std::optional<PackedWeight<scalar_t>> micro;
