@@ -18,7 +18,7 @@
 //    it, on the strided operands as they are, or torch's BLAS (at::mm: MKL on x86 wheels).
 //    On an AMD EPYC Zen 4 oneDNN ran them up to 20% faster from k ~2500 (k=3200-6400:
 //    150-180 GFLOP/s, MKL 136-150), and within noise of MKL at k=400; on the Intel Xeon
-//    MKL ran them 4-20% faster.
+//    MKL was as fast or faster in 7 of 8 shapes (by up to 26%), oneDNN 2% faster in one.
 //   LSTM_EXT_GEMM unset (the default) chooses by the CPU, as measured above: on an Intel
 //     CPU the libraries (MKL's packed GEMM for the float32 GEMMs of m n k >= 2^22, the
 //     microkernel for smaller ones, MKL's BLAS for the weight gradients), elsewhere the
@@ -134,9 +134,12 @@ inline bool cpu_has_amx_bf16() {
 
 // The default's threshold for the libraries on an Intel CPU, in multiply-adds m n k: below
 // it the microkernel ran most per-step GEMMs faster than MKL's packed GEMM (float32), and
-// faster than oneDNN's AMX GEMM through ATen, whose calls took >= 30 us whatever the size
-// (bfloat16: 0.5-29 us on the microkernel below 2^21, 1.0-2.4x ATen's time at 2^21-2^22).
-constexpr int64_t kLibraryMinMacs = int64_t{1} << 22;
+// faster than oneDNN's AMX GEMM through ATen, a call of which took 28 us or more whatever
+// its size. bfloat16 on the Intel Xeon, 2 threads: from 2^22 ATen's GEMM was the faster in
+// 47 of 50 shapes (up to 10.5x; the other three had m = 4 or 8 and n or k = 2048); below
+// 2^21 the microkernel in all but one (dx m=384 n=32 k=128); between, they traded places
+// (the microkernel 1.4-2x faster at 2^21, ATen 1.0-2.4x at 3 x 2^20).
+constexpr int64_t kLibraryMinMacs = int64_t{1} << 22;  // select_gemm's reasons name it: "2^22"
 
 inline const char* role_name(GemmRole role) {
   switch (role) {
