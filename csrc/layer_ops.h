@@ -55,9 +55,11 @@ struct ForwardPlan {
 
 // for_backward: keep what the backward needs (saved, cells, hidden); otherwise the
 // forward keeps only one step of them. block_steps: at most this many steps per
-// input-projection GEMM of inference (0: no limit but the cache's).
+// input-projection GEMM of inference (0: no limit but the cache's). cells_out: where
+// inference keeps its running cells, (N, hidden_size), if not in a new tensor.
 template <class Cell>
-ForwardPlan plan_forward(const LayerArgs& in, bool for_backward, const char* op, int64_t block_steps = 0) {
+ForwardPlan plan_forward(const LayerArgs& in, bool for_backward, const char* op, int64_t block_steps = 0,
+                         const Tensor& cells_out = Tensor()) {
   ForwardPlan f;
   f.d = check_layer_inputs(in, Cell::kGates, op);
   const LayerDims& d = f.d;
@@ -86,6 +88,7 @@ ForwardPlan plan_forward(const LayerArgs& in, bool for_backward, const char* op,
   const Tensor none = at::empty({0}, opts);
   f.cells = !Cell::kCarriesCell ? none
             : for_backward      ? at::empty(seq_shape(d, d.H), opts)
+            : cells_out.defined() ? cells_out.copy_(f.o.c0)
                                 : f.o.c0.clone(at::MemoryFormat::Contiguous);
   f.hidden = !d.projected ? none : for_backward ? at::empty(seq_shape(d, d.H), opts) : at::empty({d.N, d.H}, opts);
   return f;
@@ -315,6 +318,11 @@ std::tuple<Tensor, Tensor, Tensor> stack_forward(const Tensor& x, const Tensor& 
   const int64_t steps = batch_sizes ? batch_sizes->numel() : x.dim() > 0 ? x.size(0) : 0;
   const bool overlap = steps > 1 && Backend::overlap_layers(layers, step_flops);
   // Every check and allocation comes first, so that running cannot fail halfway.
+  // Each layer's running cells are its slice of c_n, and its final h is copied into
+  // h_n's: no stacking of per-layer states after the run (generation calls this per
+  // character, where such small ATen calls add up).
+  const Tensor h_n = at::empty(h0.sizes(), x.options());
+  const Tensor c_n = c0 ? at::empty(c0->sizes(), x.options()) : at::empty({0}, x.options());
   std::vector<ForwardPlan> plans;
   plans.reserve(layers);
   for (int64_t l = 0; l < layers; ++l) {
@@ -334,7 +342,7 @@ std::tuple<Tensor, Tensor, Tensor> stack_forward(const Tensor& x, const Tensor& 
     // The first layer projects in such blocks too, or the next one would wait for all of
     // its input projection (at B=8 T=50 H=64, half of its work) before starting.
     const int64_t block_steps = overlap ? std::max<int64_t>(1, steps / 16) : 0;
-    plans.push_back(plan_forward<Cell>(args, false, kStackOp, block_steps));
+    plans.push_back(plan_forward<Cell>(args, false, kStackOp, block_steps, c0 ? c_n[l] : Tensor()));
   }
   std::unique_ptr<LayerProgress[]> progress(new LayerProgress[layers]);
   Backend::for_each_layer(layers, overlap, [&](int64_t l) {
@@ -345,13 +353,15 @@ std::tuple<Tensor, Tensor, Tensor> stack_forward(const Tensor& x, const Tensor& 
       throw;
     }
   });
-  std::vector<Tensor> h_n, c_n;
-  for (const ForwardPlan& f : plans) {
-    const ForwardResult r = forward_result<Cell>(f);
-    h_n.push_back(r.h_n);
-    c_n.push_back(r.c_n);
+  for (int64_t l = 0; l < layers; ++l) {
+    const ForwardPlan& f = plans[l];
+    if (f.d.packed) {
+      h_n[l].copy_(final_state(f.d, f.sc, f.y));
+    } else {
+      h_n[l].copy_(f.y[f.d.T - 1]);
+    }
   }
-  return {plans.back().y, at::stack(h_n), Cell::kCarriesCell ? at::stack(c_n) : at::empty({0}, x.options())};
+  return {plans.back().y, h_n, c_n};
 }
 
 template <class Backend>

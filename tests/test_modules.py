@@ -497,6 +497,35 @@ def test_lstm_functional_call_with_swapped_weights():
     assert not torch.allclose(ext(x)[0], got[0])  # the swapped weights were used
 
 
+class _Doubled(nn.Module):
+    def forward(self, w: Tensor) -> Tensor:
+        return 2 * w
+
+
+@pytest.mark.parametrize("no_grad", [False, True], ids=["grad", "no_grad"])
+def test_lstm_weights_replaced_after_construction(no_grad):
+    """Every way of replacing a weight reaches the kernels, in the per-layer path and in
+    the one-op stack that inference takes: a parametrization (its property replaces the
+    parameter), a new Parameter, and functional_call's swapped tensors."""
+    ref, ext = make_pair(input_size=I, hidden_size=H, num_layers=2)
+    x = rand(T, N, I)
+    context = torch.no_grad if no_grad else torch.enable_grad
+    for module in (ref, ext):
+        nn.utils.parametrize.register_parametrization(module, "weight_hh_l1", _Doubled())
+    with context():
+        close(ext(x), ref(x), torch.float64)
+    new_weight = rand(4 * H, I)
+    for module in (ref, ext):
+        module.weight_ih_l0 = nn.Parameter(new_weight.clone())
+    with context():
+        close(ext(x), ref(x), torch.float64)
+        swapped = {"weight_hh_l0": rand(4 * H, H)}
+        expected = torch.func.functional_call(ref, swapped, (x,))
+        got = torch.func.functional_call(ext, swapped, (x,))
+        close(got, expected, torch.float64)
+        assert not torch.allclose(ext(x)[0], got[0])  # the swapped weight was used
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="DataParallel then needs the module on a GPU")
 def test_lstm_data_parallel_without_gpus():
     """Without GPUs DataParallel just calls the module: nn.LSTM's results, also wrapped."""
