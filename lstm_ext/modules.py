@@ -330,11 +330,11 @@ class RNNBase(nn.Module):
     ) -> Optional[tuple[Tensor, tuple[Tensor, ...]]]:
         """All layers in one ``stack_inference`` op, where it serves: a CPU float32/float64
         stack of single-direction layers, without dropout in effect, needing no gradient
-        and no autocast. There the layers overlap in time on the threads (a wavefront);
-        elsewhere None, and the layers run one call each."""
+        and no autocast. There two or more layers overlap in time on the threads (a
+        wavefront), and even one layer costs less Python than a call per layer (generation
+        makes a call per character); elsewhere None, and the layers run one call each."""
         if (
             self.bidirectional
-            or self.num_layers < 2
             or (self.dropout > 0 and self.training)
             or not x.is_cpu
             or x.dtype not in (torch.float32, torch.float64)

@@ -188,7 +188,7 @@ def test_trace_made_under_no_grad_fails_loudly_when_trained():
     module = LSTM(I, H)
     with torch.no_grad(), pytest.warns(Warning):  # TorchScript's deprecation and tracer warnings
         traced = torch.jit.trace(module, (torch.randn(T, N, I),))
-    with pytest.raises(RuntimeError, match="lstm_inference has no derivative"):
+    with pytest.raises(RuntimeError, match="stack_inference has no derivative"):
         traced(torch.randn(T, N, I))[0].sum().backward()
 
 

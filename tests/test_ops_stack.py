@@ -176,9 +176,10 @@ def ext_module(kind, **kwargs):
     return module, ref
 
 
+@pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-def test_modules_take_it_for_inference(kind, stack_calls):
-    module, ref = ext_module(kind, num_layers=2, dropout=0.3)
+def test_modules_take_it_for_inference(kind, num_layers, stack_calls):
+    module, ref = ext_module(kind, num_layers=num_layers, dropout=0.3 if num_layers > 1 else 0.0)
     module.eval(), ref.eval()
     x = torch.randn(5, 3, 4)
     with torch.no_grad():
@@ -191,7 +192,6 @@ def test_modules_take_it_for_inference(kind, stack_calls):
 @pytest.mark.parametrize(
     "kwargs, setup",
     [
-        (dict(num_layers=1), "no_grad"),
         (dict(num_layers=2, bidirectional=True), "no_grad"),
         (dict(num_layers=2, dropout=0.5), "no_grad, training"),
         (dict(num_layers=2), "grad"),
