@@ -78,7 +78,7 @@ class Plan:
     steps: int  # training steps of each model (the loss curves)
     warmup: int  # leading rounds of every phase left out of the timings
     rounds: int  # timed rounds of forward-only and LSTM-only forward+backward
-    gen_rounds: int
+    gen_rounds: int  # paired generation rounds: short ones, so more of them than of the others
     gen_chars: int  # characters generated per generation round
     eval_batches: int
 
@@ -123,7 +123,7 @@ class BenchConfig:
         return [self.main_shape()] if len(self.sweep_dtypes()) > 1 else []
 
     def main_plan(self) -> Plan:
-        return self._quick_plan(self.steps) if self.quick else Plan(self.steps, 3, 10, 6, 200, 20)
+        return self._quick_plan(self.steps) if self.quick else Plan(self.steps, 3, 10, 15, 200, 20)
 
     def sweep_plan(self) -> Plan:
         """Few rounds per shape: the gpu sweep runs 48 shape-dtype pairs within minutes."""
