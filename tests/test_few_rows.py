@@ -1,6 +1,7 @@
 """GEMMs of one to four rows against an unpacked weight (generation: one sequence, one step
-per call) run csrc/cpu/dot_gemm.h on CPU; five rows and more run the BLAS. Both, against
-torch's modules: outputs, states and, where gradients flow, every gradient.
+per call) run csrc/cpu/dot_gemm.h on CPU, in every dtype; five rows and more run the BLAS
+(ATen's GEMM for half and bfloat16). Both, against torch's modules: outputs, states and,
+where gradients flow, every gradient.
 
 Sizes not a multiple of any vector width or of the kernel's weight-row blocks, and one
 layer's weights above the 64 KiB a thread streams at least, so that two threads split them.
@@ -13,7 +14,10 @@ from torch import nn
 
 import lstm_ext
 
-TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
+# Half and bfloat16 round every stored value (their ulp at 1 is 1e-3 and 8e-3), and torch's
+# modules sum in another order.
+TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+DTYPES = {"f32": torch.float32, "f64": torch.float64, "f16": torch.float16, "bf16": torch.bfloat16}
 MODULES = {
     "lstm": (nn.LSTM, lstm_ext.LSTM, {}),
     "gru": (nn.GRU, lstm_ext.GRU, {}),
@@ -26,7 +30,7 @@ def close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: s
     torch.testing.assert_close(got, expected, rtol=TOL[dtype], atol=TOL[dtype] * scale, msg=lambda m: f"{what}: {m}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
 @pytest.mark.parametrize("cell", list(MODULES))
 @pytest.mark.parametrize("I, H", [(19, 37), (70, 72)])
 @pytest.mark.parametrize("T", [1, 3])

@@ -1,12 +1,15 @@
-// Float32/float64 GEMM of a few rows against an unpacked weight: C (m x n) = A (m x k)
-// W^T + beta * C for a row-major W (n x k) and m <= kMaxDotRows, as in generation (one
-// sequence, one step per call). Such a GEMM reads each weight element once for m
-// multiply-adds: its speed is how fast W streams in. Each output is a dot product of
-// two contiguous rows, so W streams row by row, split between threads by rows. The
-// Fortran BLAS ran these shapes at a fraction of that speed (an AMD EPYC Zen 4: four
-// 2048 x 512 weights against one row in 1.8 ms, where summing the same 16 MB took 0.22 ms).
+// GEMM of a few rows against an unpacked weight: C (m x n) = A (m x k) W^T + beta * C for
+// a row-major W (n x k) and m <= kMaxDotRows, as in generation (one sequence, one step
+// per call). Such a GEMM reads each weight element once for m multiply-adds: its speed is
+// how fast W streams in. Each output is a dot product of two contiguous rows, so W
+// streams row by row, split between threads by rows. The Fortran BLAS ran these shapes
+// at a fraction of that speed (an AMD EPYC Zen 4: four 2048 x 512 weights against one row
+// in 1.8 ms, where summing the same 16 MB took 0.22 ms). Half and bfloat16 load as float
+// and sum in float, as their GEMMs in ATen do, and round once per output: ATen's GEMM
+// cost them 25 us or more per call whatever its size (an Intel Xeon with AMX).
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -14,6 +17,7 @@
 #include <type_traits>
 
 #include "../backend_api.h"
+#include "vec_math.h"
 
 namespace lstm_ext {
 
@@ -21,7 +25,8 @@ constexpr int64_t kMaxDotRows = 4;
 
 // The dtypes dot_gemm serves.
 template <typename scalar_t>
-constexpr bool kHasDotGemm = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+constexpr bool kHasDotGemm = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double> ||
+                             std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
 
 namespace dot_gemm_detail {
 
@@ -50,35 +55,38 @@ scalar_t lane_sum(const at::vec::Vectorized<scalar_t>& v) {
   return sum;
 }
 
-// C[0:MR, j0:j0+NR] = A[0:MR, :] W[j0:j0+NR, :]^T + (accumulate ? C : 0).
+// C[0:MR, j0:j0+NR] = A[0:MR, :] W[j0:j0+NR, :]^T + (accumulate ? C : 0), summed in the
+// opmath type.
 template <typename scalar_t, int MR, int NR>
 void dot_block(int64_t k, const scalar_t* a, int64_t lda, const scalar_t* w, int64_t ldw, bool accumulate,
                scalar_t* c, int64_t ldc) {
-  using Vec = at::vec::Vectorized<scalar_t>;
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  using Lane = VecLane<acc_t, scalar_t>;
   Vec acc[MR][NR];
 #pragma GCC unroll 4
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
-    for (int q = 0; q < NR; ++q) acc[r][q] = Vec(scalar_t(0));
+    for (int q = 0; q < NR; ++q) acc[r][q] = Vec(acc_t(0));
   }
   int64_t p = 0;
   for (; p + Vec::size() <= k; p += Vec::size()) {
     Vec wq[NR];
 #pragma GCC unroll 4
-    for (int q = 0; q < NR; ++q) wq[q] = Vec::loadu(w + q * ldw + p);
+    for (int q = 0; q < NR; ++q) wq[q] = Lane::load(w + q * ldw + p);
 #pragma GCC unroll 4
     for (int r = 0; r < MR; ++r) {
-      const Vec ar = Vec::loadu(a + r * lda + p);
+      const Vec ar = Lane::load(a + r * lda + p);
 #pragma GCC unroll 4
       for (int q = 0; q < NR; ++q) acc[r][q] = at::vec::fmadd(ar, wq[q], acc[r][q]);
     }
   }
   for (int r = 0; r < MR; ++r) {
     for (int q = 0; q < NR; ++q) {
-      scalar_t sum = lane_sum(acc[r][q]);
-      for (int64_t pp = p; pp < k; ++pp) sum += a[r * lda + pp] * w[q * ldw + pp];
+      acc_t sum = lane_sum(acc[r][q]);
+      for (int64_t pp = p; pp < k; ++pp) sum += acc_t(a[r * lda + pp]) * acc_t(w[q * ldw + pp]);
       scalar_t& out = c[r * ldc + q];
-      out = accumulate ? out + sum : sum;
+      out = static_cast<scalar_t>(accumulate ? acc_t(out) + sum : sum);
     }
   }
 }

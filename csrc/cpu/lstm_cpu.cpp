@@ -1,9 +1,10 @@
 // CPU backend: the float32/float64 GEMMs of multi-step calls (input projection, per-step
 // GEMMs, dx) run on weights packed once per call, by packed_gemm's microkernel or MKL's
 // packed GEMM, whichever gemm_select.h picked for the shape; the other GEMMs run as row
-// dot products where they have one to four rows (dot_gemm.h: generation), else call the
-// BLAS that torch itself links (MKL or OpenBLAS export the Fortran sgemm_/dgemm_), so a
-// step costs no dispatcher round trip and no allocation. Weight gradients: gemm_select.h.
+// dot products where they have one to four rows (dot_gemm.h: generation, every dtype),
+// else call the BLAS that torch itself links (MKL or OpenBLAS export the Fortran
+// sgemm_/dgemm_), so a step costs no dispatcher round trip and no allocation; half and
+// bfloat16 call ATen's GEMM there. Weight gradients: gemm_select.h.
 // The pointwise kernels run any Cell (cells.h), vectorized, in parallel over blocks of
 // the batch x hidden elements.
 #include <ATen/OpMathType.h>
@@ -88,12 +89,13 @@ void for_each_block(int64_t rows, int64_t H, const Fn& fn) {
 }
 
 // A weight operand, with its packed copy for the implementation that will serve it: MKL
-// (float32 only, for mkl->rows() rows) or the microkernel.
+// (float32 only, for mkl->rows() rows) or the microkernel; or marked for ATen's GEMM.
 template <typename scalar_t>
 struct CpuWeight {
   WeightOperand<scalar_t> operand;
   std::optional<PackedWeight<scalar_t>> packed;
   std::optional<MklPackedWeight> mkl;
+  bool aten = false;
 };
 
 // Packing reads and writes the whole weight once: worth it only when the packed copy
@@ -118,6 +120,7 @@ struct CpuBackend {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (impl == GemmImpl::kMkl) prepared.mkl.emplace(w, use.rows);
     }
+    prepared.aten = impl == GemmImpl::kAten;
     return prepared;
   }
 
@@ -130,6 +133,8 @@ struct CpuBackend {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (w.mkl && m == w.mkl->rows()) return w.mkl->compute(a, lda, beta, c, ldc);
     }
+    // A weight prepared for ATen's GEMM keeps it for few rows too: the choices report names it.
+    if (w.aten && m > 0 && w.operand.n() > 0) return aten_gemm(m, a, lda, w.operand, beta, c, ldc);
     gemm(m, a, lda, w.operand, beta, c, ldc);
   }
 
