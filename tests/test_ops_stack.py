@@ -17,7 +17,13 @@ KINDS = {  # mode: (torch class, extra constructor arguments)
     "RNN_TANH": (nn.RNN, {}),
     "RNN_RELU": (nn.RNN, {"nonlinearity": "relu"}),
 }
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=2e-5, atol=2e-5),
+    # Every stored value rounds (ulp at 1: 1e-3 and 8e-3), and torch's GEMMs sum in another order.
+    torch.float16: dict(rtol=1e-2, atol=1e-2),
+    torch.bfloat16: dict(rtol=5e-2, atol=5e-2),
+}
 
 
 @contextlib.contextmanager
@@ -62,7 +68,7 @@ def flat(out):
 @pytest.mark.parametrize("mode", list(KINDS))
 @pytest.mark.parametrize("L", [2, 3, 4])
 @pytest.mark.parametrize("n_threads", [1, 2, 3])  # 3 on 2 cores: more threads than cores, L=3 overlapped
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", list(TOL), ids=["f64", "f32", "f16", "bf16"])
 def test_matches_torch(mode, L, n_threads, dtype):
     torch.manual_seed(0)
     ref = torch_stack(mode, 5, 7, L, dtype)
@@ -176,17 +182,18 @@ def ext_module(kind, **kwargs):
     return module, ref
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("num_layers", [1, 2])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-def test_modules_take_it_for_inference(kind, num_layers, stack_calls):
+def test_modules_take_it_for_inference(kind, num_layers, dtype, stack_calls):
     module, ref = ext_module(kind, num_layers=num_layers, dropout=0.3 if num_layers > 1 else 0.0)
-    module.eval(), ref.eval()
-    x = torch.randn(5, 3, 4)
+    module.to(dtype).eval(), ref.to(dtype).eval()
+    x = torch.randn(5, 3, 4, dtype=dtype)
     with torch.no_grad():
         got, expected = module(x), ref(x)
     assert len(stack_calls) == 1
     for g, e in zip(flat(got), flat(expected)):
-        torch.testing.assert_close(g, e, **TOL[torch.float32])
+        torch.testing.assert_close(g, e, **TOL[dtype])
 
 
 @pytest.mark.parametrize(
