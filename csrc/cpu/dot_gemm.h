@@ -6,7 +6,7 @@
 // at a fraction of that speed (an AMD EPYC Zen 4: four 2048 x 512 weights against one row
 // in 1.8 ms, where summing the same 16 MB took 0.22 ms). Half and bfloat16 load as float
 // and sum in float, as their GEMMs in ATen do, and round once per output: ATen's GEMM
-// cost them 25 us or more per call whatever its size (an Intel Xeon with AMX).
+// cost them 24 us or more per call whatever its size (an Intel Xeon with AMX).
 #pragma once
 
 #include <ATen/OpMathType.h>
