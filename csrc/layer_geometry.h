@@ -156,10 +156,17 @@ inline Tensor final_rows(const LayerDims& d, const Schedule& sc, c10::Device dev
   return at::tensor(at::ArrayRef<int64_t>(rows), at::kLong).to(device);
 }
 
-// seq's rows holding each batch entry's state after its last step: (N, cols).
-inline Tensor final_state(const LayerDims& d, const Schedule& sc, const Tensor& seq) {
-  if (!d.packed) return seq.select(0, d.reverse ? 0 : d.T - 1).clone();
+// seq's rows holding each batch entry's state after its last step, (N, cols): a view of
+// seq unless the sequence is packed.
+inline Tensor last_rows(const LayerDims& d, const Schedule& sc, const Tensor& seq) {
+  if (!d.packed) return seq.select(0, d.reverse ? 0 : d.T - 1);
   return seq.index_select(0, final_rows(d, sc, seq.device()));
+}
+
+// The same rows as a tensor of their own (an op's outputs may not alias).
+inline Tensor final_state(const LayerDims& d, const Schedule& sc, const Tensor& seq) {
+  const Tensor rows = last_rows(d, sc, seq);
+  return d.packed ? rows : rows.clone();
 }
 
 // A packed sequence's h of the previous step for every row, (R, P): y's row there for

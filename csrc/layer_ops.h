@@ -354,12 +354,7 @@ std::tuple<Tensor, Tensor, Tensor> stack_forward(const Tensor& x, const Tensor& 
     }
   });
   for (int64_t l = 0; l < layers; ++l) {
-    const ForwardPlan& f = plans[l];
-    if (f.d.packed) {
-      h_n[l].copy_(final_state(f.d, f.sc, f.y));
-    } else {
-      h_n[l].copy_(f.y[f.d.T - 1]);
-    }
+    h_n[l].copy_(last_rows(plans[l].d, plans[l].sc, plans[l].y));
   }
   return {plans.back().y, h_n, c_n};
 }
