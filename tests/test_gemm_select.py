@@ -117,8 +117,19 @@ def bf16_microkernel_runs(out: str) -> bool:
     return "cpu_capability: avx512" in out and "avx512_bf16" in FLAGS
 
 
-def by_cpu(line: str) -> str:
-    """What the default's rule (gemm_select.h) picks for a line of the choices report, and why."""
+PER_STEP_ROLES = ("recurrent ", "projection ", "recurrent backward (dh) ", "projection backward ")
+
+
+def brgemm_serves(line: str) -> bool:
+    """Whether a bfloat16 line's GEMM can run on oneDNN's batch-reduce GEMM (gemm_select.h):
+    a per-step GEMM of even k, on a CPU with AMX-BF16."""
+    k = int(re.search(r" k=(\d+)", line).group(1))
+    return "amx_bf16" in FLAGS and line.startswith(PER_STEP_ROLES) and k % 2 == 0
+
+
+def by_cpu(line: str, brgemm: bool = True) -> str:
+    """What the default's rule (gemm_select.h) picks for a line of the choices report, and why
+    (`brgemm`: whether torch has the batch-reduce GEMM)."""
     if line.startswith("weight gradient "):
         return "blas (default: Intel CPU)" if INTEL else "onednn (default: not an Intel CPU)"
     m, n, k = (int(re.search(rf" {d}=(\d+)", line).group(1)) for d in "mnk")
@@ -127,6 +138,9 @@ def by_cpu(line: str) -> str:
     if " bfloat16 " in line:
         if "amx_bf16" not in FLAGS:
             return "microkernel (default: no AMX)"
+        if brgemm and brgemm_serves(line):
+            per_step_large = m * n * k >= 1 << 21
+            return f"{'brgemm' if per_step_large else 'microkernel'} (default: AMX, per-step m n k {'>=' if per_step_large else '<'} 2^21)"
         return f"{'aten' if large else 'microkernel'} (default: AMX, {size})"
     if not INTEL:
         return "microkernel (default: not an Intel CPU)"
@@ -231,22 +245,33 @@ def test_unknown_gemm_mode_is_an_error(child_env):
 
 
 @pytest.mark.parametrize("mode", ["auto", "mkl", "microkernel", None])
-def test_bfloat16_gemms_match_nn_lstm(mode, child_env):
+@pytest.mark.parametrize("brgemm", ["present", "missing"])
+def test_bfloat16_gemms_match_nn_lstm(mode, brgemm, child_env):
     # bfloat16's prepared weights: the AVX-512 BF16 microkernel where the CPU has it (the
-    # default without AMX, and LSTM_EXT_GEMM=microkernel), ATen's GEMM with LSTM_EXT_GEMM=mkl
-    # and by default with AMX, the faster of the two with auto.
+    # default without AMX, and LSTM_EXT_GEMM=microkernel); with LSTM_EXT_GEMM=mkl, oneDNN's
+    # batch-reduce GEMM for the per-step GEMMs where the CPU has AMX, ATen's GEMM for the
+    # others; by default with AMX the rule of by_cpu; the faster of two with auto. "missing"
+    # acts as a torch without the batch-reduce GEMM: ATen's GEMM in its place.
     # float32 and float64 first, for the random draws known to keep bfloat16's relu gradients
     # off zero (see CALLS).
-    dtypes = {"CHILD_DTYPES": "float32,float64,bfloat16"}
-    proc = run_child({**dtypes, **({} if mode is None else {"LSTM_EXT_GEMM": mode})}, child_env)
+    env = {"CHILD_DTYPES": "float32,float64,bfloat16", **({} if mode is None else {"LSTM_EXT_GEMM": mode})}
+    if brgemm == "missing":
+        env["LSTM_EXT_GEMM_DISABLE_BRGEMM"] = "1"
+    proc = run_child(env, child_env)
     assert proc.returncode == 0, proc.stderr
     lines = float32_choices(proc.stdout, "prepared", dtype="bfloat16")
+    if brgemm == "missing":
+        assert not any("brgemm" in line for line in lines), proc.stdout
+    with_brgemm = brgemm == "present" and "amx_bf16" in FLAGS
     if not bf16_microkernel_runs(proc.stdout):
         assert all(line.endswith(": aten (no AVX-512 BF16 microkernel here)") for line in lines), proc.stdout
     elif mode == "auto":
         assert all("(timed: " in line for line in lines), proc.stdout
     elif mode is None:
-        assert all(line.endswith(f": {by_cpu(line)}") for line in lines), proc.stdout
+        assert all(line.endswith(f": {by_cpu(line, brgemm == 'present')}") for line in lines), proc.stdout
     else:
-        expected = {"microkernel": "microkernel", "mkl": "aten"}[mode]
-        assert all(line.endswith(f": {expected} (LSTM_EXT_GEMM)") for line in lines), proc.stdout
+        # The CHILD has per-step GEMMs of even k (and of odd k), which LSTM_EXT_GEMM=mkl runs on brgemm with AMX.
+        assert mode == "microkernel" or not with_brgemm or any(brgemm_serves(line) for line in lines), proc.stdout
+        for line in lines:
+            expected = "microkernel" if mode == "microkernel" else "brgemm" if with_brgemm and brgemm_serves(line) else "aten"
+            assert line.endswith(f": {expected} (LSTM_EXT_GEMM)"), proc.stdout

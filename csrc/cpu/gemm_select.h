@@ -13,7 +13,9 @@
 //    B=64 H=256 (m=64 n=1024 k=256) at 417 GFLOP/s on 2 threads, ATen's at 163 in the
 //    time loop. On the Intel Xeon oneDNN runs them on AMX: there an LSTM's forward+backward
 //    at B=64 T=100 H=256 L=2 took 91 ms on ATen's GEMM, 245 ms on the microkernel.
-//    Half: ATen's GEMM.
+//    With AMX the per-step GEMMs (even k) run on oneDNN's batch-reduce GEMM instead of
+//    ATen's, on weights packed once per call (BrgemmPackedWeight, below).
+//    Half: ATen's GEMM, or the batch-reduce GEMM for per-step GEMMs with AMX-FP16.
 //  * The weight gradients (dg^T a over all steps, a long k): oneDNN's matmul as ATen runs
 //    it, on the strided operands as they are, or torch's BLAS (at::mm: MKL on x86 wheels).
 //    On an AMD EPYC Zen 4 oneDNN ran them up to 20% faster from k ~2500 (k=3200-6400:
@@ -22,26 +24,29 @@
 //   LSTM_EXT_GEMM unset (the default) chooses by the CPU, as measured above: on an Intel
 //     CPU the libraries (MKL's packed GEMM for the float32 GEMMs of m n k >= 2^22, the
 //     microkernel for smaller ones, MKL's BLAS for the weight gradients), elsewhere the
-//     microkernel and oneDNN's weight gradients; bfloat16 on ATen's GEMM where the CPU has
-//     AMX (m n k >= 2^22; smaller ones on the microkernel), on the microkernel where it has
-//     AVX-512 BF16 only.
+//     microkernel and oneDNN's weight gradients; bfloat16 where the CPU has AMX on
+//     oneDNN's batch-reduce GEMM (per-step GEMMs of m n k >= 2^21) or ATen's GEMM (the
+//     others of m n k >= 2^22), smaller ones on the microkernel; on the microkernel where
+//     it has AVX-512 BF16 only.
 //   LSTM_EXT_GEMM=microkernel (the microkernel, weight gradients on oneDNN) or mkl (the
-//     libraries: MKL for all float32 GEMMs, ATen's for bfloat16) picks one family for
-//     every GEMM;
+//     libraries: MKL for all float32 GEMMs; for bfloat16 the batch-reduce GEMM for the
+//     per-step ones where it runs, ATen's for the others) picks one family for every GEMM;
 //   LSTM_EXT_GEMM=auto times both candidates once for the first GEMM of a (role, m, n, k,
 //     dtype, threads) and keeps the faster for the process, like cuDNN's algorithm
 //     search. Not the default: a timed choice can differ between runs (two candidates
 //     within noise), and with it the float32 rounding, so a resumed run would no longer
 //     repeat an uninterrupted one exactly. The default's rule gives the same choice on
 //     every run on one machine.
-//   LSTM_EXT_GEMM_DISABLE_MKL=1 and LSTM_EXT_GEMM_DISABLE_ONEDNN=1 act as a torch without
-//     MKL's packed GEMM or without oneDNN's matmul would, for tests.
+//   LSTM_EXT_GEMM_DISABLE_MKL=1, LSTM_EXT_GEMM_DISABLE_ONEDNN=1 and
+//     LSTM_EXT_GEMM_DISABLE_BRGEMM=1 act as a torch without MKL's packed GEMM, oneDNN's
+//     matmul or the batch-reduce GEMM would, for tests.
 // The variables are read once. MKL has no float64 packed GEMM in torch's exports, oneDNN
 // no float64 matmul: float64 always runs the microkernel and the BLAS.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 
 #include <atomic>
@@ -61,6 +66,11 @@
 #include "../backend_api.h"
 #include "packed_gemm.h"
 
+// ATen's batch-reduce GEMM for half and bfloat16 (torches before these macros lack it).
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F16F16F32)
+#define LSTM_EXT_BRGEMM 1
+#endif
+
 // Weak, like sgemm_ in lstm_cpu.cpp: null in a torch without MKL, so the import still works.
 // The CBLAS enums are passed as int, their C ABI type.
 extern "C" {
@@ -73,10 +83,10 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
 
 namespace lstm_ext {
 
-// The microkernel and MKL's packed GEMM serve prepared float32 weights, the microkernel
-// and ATen's GEMM bfloat16 and half ones; oneDNN's matmul and the BLAS, float32 weight
-// gradients.
-enum class GemmImpl { kMicrokernel, kMkl, kOneDnn, kBlas, kAten };
+// The microkernel and MKL's packed GEMM serve prepared float32 weights, the microkernel,
+// ATen's GEMM and oneDNN's batch-reduce GEMM bfloat16 and half ones; oneDNN's matmul and
+// the BLAS, float32 weight gradients.
+enum class GemmImpl { kMicrokernel, kMkl, kOneDnn, kBlas, kAten, kBrgemm };
 
 namespace gemm_select_detail {
 
@@ -140,6 +150,13 @@ inline bool cpu_has_amx_bf16() {
 // 2^21 the microkernel in all but one (dx m=384 n=32 k=128); between, they traded places
 // (the microkernel 1.4-2x faster at 2^21, ATen 1.0-2.4x at 3 x 2^20).
 constexpr int64_t kLibraryMinMacs = int64_t{1} << 22;  // select_gemm's reasons name it: "2^22"
+// The same for bfloat16's per-step GEMMs on oneDNN's batch-reduce GEMM (BrgemmPackedWeight),
+// which has no per-call setup. An LSTM's forward+backward on the Intel Xeon (2 threads,
+// two runs each, lstm_ext / nn.LSTM) on it and on the microkernel: recurrent m n k =
+// 2^21 (B=8 H=256, B=32 H=128) 1.51-1.53x / 1.10-1.19x against 1.29-1.32x / 0.98-1.00x;
+// 2^20 (B=16 H=128) 1.33x both against 1.29-1.36x; 2^19 and 2^18 (B=32, B=16 H=64)
+// 0.97-1.29x against 1.09-1.63x.
+constexpr int64_t kBrgemmMinMacs = int64_t{1} << 21;  // select_gemm's reasons name it: "2^21"
 
 inline const char* role_name(GemmRole role) {
   switch (role) {
@@ -171,6 +188,7 @@ inline const char* impl_name(GemmImpl impl) {
     case GemmImpl::kOneDnn: return "onednn";
     case GemmImpl::kBlas: return "blas";
     case GemmImpl::kAten: return "aten";
+    case GemmImpl::kBrgemm: return "brgemm";
   }
   return "?";
 }
@@ -275,6 +293,88 @@ void aten_gemm(int64_t m, const scalar_t* a, int64_t lda, const WeightOperand<sc
   at::addmm_out(out, out, view(a, m, w.k(), lda), w.transposed ? weight.t() : weight, beta, 1);
 }
 
+// The GEMMs run once per step, with the batch's rows: few rows, and many calls.
+inline bool per_step(GemmRole role) {
+  return role == GemmRole::kRecurrent || role == GemmRole::kProjection || role == GemmRole::kRecurrentGrad ||
+         role == GemmRole::kProjectionGrad;
+}
+
+#ifdef LSTM_EXT_BRGEMM
+// Whether oneDNN's batch-reduce GEMM (ATen's cpublas::brgemm) can run scalar_t on packed
+// weights here: bfloat16 with AMX-BF16, half with AMX-FP16 (cpublas::could_pack).
+template <typename scalar_t>
+bool brgemm_available() {
+  static const bool available = at::native::cpublas::could_pack(c10::CppTypeToScalarType<scalar_t>::value) &&
+                                !gemm_select_detail::env_is("LSTM_EXT_GEMM_DISABLE_BRGEMM", "1");
+  return available;
+}
+
+// op(W) packed once per call for oneDNN's batch-reduce GEMM, in panels of kPanel columns,
+// for C (m x n, m <= rows) = A (m x k) op(W) + beta * C with half or bfloat16 A and C.
+// brgemm sums in float32 into a scratch C, rounded once into C. ATen's addmm, which reaches
+// the same AMX kernels, also repacks the weight and sets up a primitive on every call: on
+// the Intel Xeon (2 threads) 64 x 1024 x 256 ran in 42-91 us this way against 60-76 us
+// there, 32 x 512 x 128 in 12 against 31 us.
+template <typename scalar_t>
+class BrgemmPackedWeight {
+ public:
+  static constexpr int64_t kPanel = 64;  // the widest panel cpublas::pack writes
+
+  BrgemmPackedWeight(const WeightOperand<scalar_t>& w, int64_t rows)
+      : rows_(rows), n_(w.n()), k_(w.k()), panels_((n_ + kPanel - 1) / kPanel),
+        // Pairs of k rows interleave (VNNI): an odd k is padded with a zero row.
+        panel_size_((k_ + 1) / 2 * 2 * kPanel) {
+    constexpr auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
+    const auto options = at::TensorOptions().dtype(dtype);
+    // op(W) row-major, k x (panels kPanel), zero past column n.
+    at::Tensor b = at::zeros({k_, panels_ * kPanel}, options);
+    const at::Tensor weight = at::from_blob(const_cast<scalar_t*>(w.data), {w.rows, w.cols}, options);
+    b.narrow(1, 0, n_).copy_(w.transposed ? weight.t() : weight);
+    packed_ = at::empty({panels_ * panel_size_}, options);
+    for (int64_t p = 0; p < panels_; ++p) {
+      at::native::cpublas::pack(k_, kPanel, panels_ * kPanel, kPanel, dtype, dtype, b.data_ptr<scalar_t>() + p * kPanel,
+                                packed_.data_ptr<scalar_t>() + p * panel_size_);
+    }
+    sums_ = at::empty({rows_, panels_ * kPanel}, at::kFloat);
+  }
+
+  int64_t rows() const { return rows_; }
+
+  // In parallel over the panels; each thread releases AMX's tile state when done.
+  void compute(int64_t m, const scalar_t* a, int64_t lda, float beta, scalar_t* c, int64_t ldc) const {
+    const int64_t ld_sums = panels_ * kPanel;
+    const scalar_t* packed = packed_.data_ptr<scalar_t>();
+    float* sums = sums_.data_ptr<float>();
+    at::parallel_for(0, panels_, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t j0 = p * kPanel;
+        at::native::cpublas::brgemm(m, kPanel, k_, lda, kPanel, ld_sums, false, a, packed + p * panel_size_, sums + j0);
+        for (int64_t i = 0; i < m; ++i) {
+          round_into(sums + i * ld_sums + j0, beta, c + i * ldc + j0, std::min(kPanel, n_ - j0));
+        }
+      }
+      at::native::cpublas::brgemm_release();
+    });
+  }
+
+ private:
+  // c = beta c + sums, in float32, rounded once; c is not read where beta is 0.
+  static void round_into(const float* sums, float beta, scalar_t* c, int64_t cols) {
+    using Vec = at::vec::Vectorized<float>;
+    using Lane = VecLane<float, scalar_t>;
+    int64_t j = 0;
+    for (; j + Vec::size() <= cols; j += Vec::size()) {
+      const Vec s = Vec::loadu(sums + j);
+      Lane::store(c + j, beta == 0 ? s : at::vec::fmadd(Vec(beta), Lane::load(c + j), s));
+    }
+    for (; j < cols; ++j) c[j] = static_cast<scalar_t>(beta == 0 ? sums[j] : beta * static_cast<float>(c[j]) + sums[j]);
+  }
+
+  int64_t rows_, n_, k_, panels_, panel_size_;
+  at::Tensor packed_, sums_;
+};
+#endif
+
 namespace gemm_select_detail {
 
 // The two candidates of a GEMM: `first` runs under LSTM_EXT_GEMM=microkernel, `second`
@@ -318,7 +418,8 @@ GemmImpl choose(const Key& key, const Candidates& c, const TimeFirst& time_first
 }  // namespace gemm_select_detail
 
 // The implementation for the GEMMs of `use` against w: the microkernel, or the library
-// candidate of the dtype (float32: MKL's packed GEMM; half, bfloat16: ATen's GEMM).
+// candidate of the dtype (float32: MKL's packed GEMM; half, bfloat16: the batch-reduce
+// GEMM for per-step GEMMs where it runs, else ATen's GEMM).
 template <typename scalar_t>
 GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
   using namespace gemm_select_detail;
@@ -341,8 +442,18 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
         candidates.why_only = "MKL packed GEMM unavailable";
       }
     } else {
-      if (cpu_has_amx_bf16() && large) candidates.by_cpu = GemmImpl::kAten;
-      candidates.why_by_cpu = !cpu_has_amx_bf16() ? "no AMX" : large ? "AMX, m n k >= 2^22" : "AMX, m n k < 2^22";
+#ifdef LSTM_EXT_BRGEMM
+      // An odd k stopped the process with an illegal instruction in oneDNN (torch 2.14.1).
+      if (per_step(use.role) && w.k() % 2 == 0 && brgemm_available<scalar_t>()) candidates.second = GemmImpl::kBrgemm;
+#endif
+      if (candidates.second == GemmImpl::kBrgemm) {
+        const bool brgemm_large = use.rows * w.n() * w.k() >= kBrgemmMinMacs;
+        if (brgemm_large) candidates.by_cpu = GemmImpl::kBrgemm;
+        candidates.why_by_cpu = brgemm_large ? "AMX, per-step m n k >= 2^21" : "AMX, per-step m n k < 2^21";
+      } else {
+        if (cpu_has_amx_bf16() && large) candidates.by_cpu = GemmImpl::kAten;
+        candidates.why_by_cpu = !cpu_has_amx_bf16() ? "no AMX" : large ? "AMX, m n k >= 2^22" : "AMX, m n k < 2^22";
+      }
       if (!packed_gemm_runs<scalar_t>()) {
         candidates.only = GemmImpl::kAten;
         candidates.why_only = std::is_same_v<scalar_t, at::BFloat16> ? "no AVX-512 BF16 microkernel here"
@@ -352,11 +463,19 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
     // Timed (with "auto" only) on the real weight and zero inputs, into a scratch C.
     std::optional<PackedWeight<scalar_t>> micro;
     std::optional<MklPackedWeight> mkl;
+#ifdef LSTM_EXT_BRGEMM
+    std::optional<BrgemmPackedWeight<scalar_t>> brgemm;
+#endif
     at::Tensor a, c;
     auto setup = [&] {
       if (a.defined()) return;
       if constexpr (kHasPackedGemm<scalar_t>) micro.emplace(w);
       if constexpr (kFloat) mkl.emplace(w, use.rows);
+#ifdef LSTM_EXT_BRGEMM
+      if constexpr (!kFloat) {
+        if (candidates.second == GemmImpl::kBrgemm) brgemm.emplace(w, use.rows);
+      }
+#endif
       const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
       a = at::zeros({use.rows, w.k()}, options);
       c = at::zeros({use.rows, w.n()}, options);
@@ -374,6 +493,9 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
           if constexpr (kFloat) {
             mkl->compute(a.data_ptr<float>(), w.k(), 1, c.data_ptr<float>(), w.n());
           } else {
+#ifdef LSTM_EXT_BRGEMM
+            if (brgemm) return brgemm->compute(use.rows, a.data_ptr<scalar_t>(), w.k(), 1, c.data_ptr<scalar_t>(), w.n());
+#endif
             aten_gemm(use.rows, a.data_ptr<scalar_t>(), w.k(), w, 1, c.data_ptr<scalar_t>(), w.n());
           }
         });

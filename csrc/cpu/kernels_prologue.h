@@ -44,6 +44,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>

@@ -95,6 +95,9 @@ struct CpuWeight {
   WeightOperand<scalar_t> operand;
   std::optional<PackedWeight<scalar_t>> packed;
   std::optional<MklPackedWeight> mkl;
+#ifdef LSTM_EXT_BRGEMM
+  std::optional<BrgemmPackedWeight<scalar_t>> brgemm;
+#endif
   bool aten = false;
 };
 
@@ -111,7 +114,7 @@ struct CpuBackend {
   // and for bfloat16 without AVX-512 BF16, keeps the weight as it is).
   template <typename scalar_t>
   static CpuWeight<scalar_t> prepare(const WeightOperand<scalar_t>& w, const GemmUse& use) {
-    CpuWeight<scalar_t> prepared{w, std::nullopt, std::nullopt};
+    CpuWeight<scalar_t> prepared{w};
     if (use.steps < kMinStepsToPack || w.rows == 0) return prepared;
     const GemmImpl impl = select_gemm(w, use);
     if constexpr (kHasPackedGemm<scalar_t>) {
@@ -120,6 +123,11 @@ struct CpuBackend {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (impl == GemmImpl::kMkl) prepared.mkl.emplace(w, use.rows);
     }
+#ifdef LSTM_EXT_BRGEMM
+    if constexpr (!std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>) {
+      if (impl == GemmImpl::kBrgemm) prepared.brgemm.emplace(w, use.rows);
+    }
+#endif
     prepared.aten = impl == GemmImpl::kAten;
     return prepared;
   }
@@ -133,6 +141,11 @@ struct CpuBackend {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (w.mkl && m == w.mkl->rows()) return w.mkl->compute(a, lda, beta, c, ldc);
     }
+#ifdef LSTM_EXT_BRGEMM
+    if constexpr (!std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>) {
+      if (w.brgemm && m <= w.brgemm->rows()) return w.brgemm->compute(m, a, lda, beta, c, ldc);
+    }
+#endif
     // A weight prepared for ATen's GEMM keeps it for few rows too: the choices report names it.
     if (w.aten && m > 0 && w.operand.n() > 0) return aten_gemm(m, a, lda, w.operand, beta, c, ldc);
     gemm(m, a, lda, w.operand, beta, c, ldc);
