@@ -135,6 +135,12 @@ def by_cpu(line: str, brgemm: bool = True) -> str:
     m, n, k = (int(re.search(rf" {d}=(\d+)", line).group(1)) for d in "mnk")
     large = m * n * k >= 1 << 22
     size = "m n k >= 2^22" if large else "m n k < 2^22"
+    if " float64 " in line:
+        if not INTEL:
+            return "microkernel (default: not an Intel CPU)"
+        if line.startswith(PER_STEP_ROLES):
+            return "microkernel (default: Intel CPU, per-step GEMM)"
+        return f"{'blas' if large else 'microkernel'} (default: Intel CPU, {size})"
     if " bfloat16 " in line:
         if "amx_bf16" not in FLAGS:
             return "microkernel (default: no AMX)"
@@ -155,9 +161,14 @@ FORCED = {"microkernel": ("microkernel", "onednn"), "mkl": ("mkl", "blas")}
 def test_forced_gemm_matches_nn_lstm(mode, child_env):
     proc = run_child({} if mode is None else {"LSTM_EXT_GEMM": mode}, child_env)
     assert proc.returncode == 0, proc.stderr
-    # float64 has no MKL packed GEMM and no oneDNN matmul: the microkernel and the BLAS always.
-    assert all(line.endswith("microkernel (no MKL packed GEMM for this dtype)")
-               for line in proc.stdout.splitlines() if " float64 " in line), proc.stdout
+    # float64's prepared weights: the microkernel or the BLAS (no oneDNN matmul for its weight gradients).
+    for line in float32_choices(proc.stdout, "prepared", dtype="float64"):
+        if mode == "auto":
+            assert "(timed: " in line, proc.stdout
+        elif mode is None:
+            assert line.endswith(f": {by_cpu(line)}"), proc.stdout
+        else:
+            assert line.endswith(f": {'blas' if mode == 'mkl' else 'microkernel'} (LSTM_EXT_GEMM)"), proc.stdout
     if mode == "auto":
         assert all("(timed: " in line or "unavailable)" in line for line in float32_choices(proc.stdout)), proc.stdout
         return
@@ -173,7 +184,7 @@ def test_forced_gemm_matches_nn_lstm(mode, child_env):
 
 
 # An LSTM whose input projection and dx have m n k >= 2^22 (320 x 512 x 128), its per-step
-# GEMMs fewer (32 x 512 x 128): on an Intel CPU (float32) or one with AMX (bfloat16) the
+# GEMMs fewer (32 x 512 x 128): on an Intel CPU (float32, float64) or one with AMX (bfloat16) the
 # default runs both a library and the microkernel.
 LARGE_CHILD = r"""
 import os
@@ -182,7 +193,7 @@ import torch
 import lstm_ext
 
 dtype = getattr(torch, os.environ["CHILD_DTYPE"])
-tol = {torch.float32: 2e-5, torch.bfloat16: 5e-2}[dtype]
+tol = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 5e-2}[dtype]
 torch.manual_seed(0)
 ref = torch.nn.LSTM(128, 128, batch_first=True, dtype=dtype)
 ext = lstm_ext.LSTM(128, 128, batch_first=True, dtype=dtype)
@@ -201,7 +212,7 @@ print(torch.ops.lstm_ext.gemm_choices(), end="")
 """
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
 def test_default_rule_on_a_larger_lstm(dtype, child_env):
     env = {k: v for k, v in child_env.items() if not k.startswith("LSTM_EXT_GEMM")}
     proc = subprocess.run([sys.executable, "-c", LARGE_CHILD], cwd=REPO,
@@ -215,7 +226,7 @@ def test_default_rule_on_a_larger_lstm(dtype, child_env):
         lines += float32_choices(proc.stdout, "weight")
         if any("unavailable" in line for line in lines):
             return
-    elif not bf16_microkernel_runs(proc.stdout):
+    elif dtype == "bfloat16" and not bf16_microkernel_runs(proc.stdout):
         return  # ATen's GEMM only: test_bfloat16_gemms_match_nn_lstm checks that
     assert all(line.endswith(f": {by_cpu(line)}") for line in lines), proc.stdout
 

@@ -8,6 +8,12 @@
 //    k=64); on an AMD EPYC Zen 4 with AVX-512 the microkernel ran the per-step shapes
 //    1.4-2x faster than MKL (large input projections and dx within +-10%). MKL picks its
 //    kernels by CPU vendor.
+//  * The float64 ones: the microkernel or the BLAS on the weight as it is (dgemm_; MKL
+//    has no float64 packed GEMM in torch's exports). On the Intel Xeon (2 threads), in one
+//    process alternating, an LSTM's forward+backward ran 5-16% faster with its input
+//    projection and dx (m n k >= 2^22) on the BLAS (B=32 T=100 H=128 L=1, B=50 T=50
+//    H=256 L=2, B=64 T=100 H=256 L=2), and 1% slower to 7% faster with the per-step
+//    GEMMs there too.
 //  * The bfloat16 ones: packed_gemm's AVX-512 BF16 microkernel, where the CPU has it, or
 //    ATen's GEMM (oneDNN). On an AMD EPYC Zen 4 the microkernel ran the per-step GEMM of
 //    B=64 H=256 (m=64 n=1024 k=256) at 417 GFLOP/s on 2 threads, ATen's at 163 in the
@@ -23,14 +29,17 @@
 //    MKL was as fast or faster in 7 of 8 shapes (by up to 26%), oneDNN 2% faster in one.
 //   LSTM_EXT_GEMM unset (the default) chooses by the CPU, as measured above: on an Intel
 //     CPU the libraries (MKL's packed GEMM for the float32 GEMMs of m n k >= 2^22, the
-//     microkernel for smaller ones, MKL's BLAS for the weight gradients), elsewhere the
-//     microkernel and oneDNN's weight gradients; bfloat16 where the CPU has AMX on
+//     microkernel for smaller ones, MKL's BLAS for the weight gradients; float64 input
+//     projections and dx of m n k >= 2^22 on the BLAS, the per-step GEMMs on the
+//     microkernel), elsewhere the microkernel and oneDNN's weight gradients; bfloat16
+//     where the CPU has AMX on
 //     oneDNN's batch-reduce GEMM (per-step GEMMs of m n k >= 2^21) or ATen's GEMM (the
 //     others of m n k >= 2^22), smaller ones on the microkernel; on the microkernel where
 //     it has AVX-512 BF16 only.
 //   LSTM_EXT_GEMM=microkernel (the microkernel, weight gradients on oneDNN) or mkl (the
-//     libraries: MKL for all float32 GEMMs; for bfloat16 the batch-reduce GEMM for the
-//     per-step ones where it runs, ATen's for the others) picks one family for every GEMM;
+//     libraries: MKL for all float32 GEMMs, the BLAS for float64's; for bfloat16 the
+//     batch-reduce GEMM for the per-step ones where it runs, ATen's for the others) picks
+//     one family for every GEMM;
 //   LSTM_EXT_GEMM=auto times both candidates once for the first GEMM of a (role, m, n, k,
 //     dtype, threads) and keeps the faster for the process, like cuDNN's algorithm
 //     search. Not the default: a timed choice can differ between runs (two candidates
@@ -40,8 +49,8 @@
 //   LSTM_EXT_GEMM_DISABLE_MKL=1, LSTM_EXT_GEMM_DISABLE_ONEDNN=1 and
 //     LSTM_EXT_GEMM_DISABLE_BRGEMM=1 act as a torch without MKL's packed GEMM, oneDNN's
 //     matmul or the batch-reduce GEMM would, for tests.
-// The variables are read once. MKL has no float64 packed GEMM in torch's exports, oneDNN
-// no float64 matmul: float64 always runs the microkernel and the BLAS.
+// The variables are read once. oneDNN has no float64 matmul: float64's weight gradients
+// always run on the BLAS.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -83,9 +92,9 @@ void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k
 
 namespace lstm_ext {
 
-// The microkernel and MKL's packed GEMM serve prepared float32 weights, the microkernel,
-// ATen's GEMM and oneDNN's batch-reduce GEMM bfloat16 and half ones; oneDNN's matmul and
-// the BLAS, float32 weight gradients.
+// The microkernel and MKL's packed GEMM serve prepared float32 weights, the microkernel and
+// the BLAS float64 ones, the microkernel, ATen's GEMM and oneDNN's batch-reduce GEMM
+// bfloat16 and half ones; oneDNN's matmul and the BLAS, float32 weight gradients.
 enum class GemmImpl { kMicrokernel, kMkl, kOneDnn, kBlas, kAten, kBrgemm };
 
 namespace gemm_select_detail {
@@ -424,16 +433,38 @@ template <typename scalar_t>
 GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
   using namespace gemm_select_detail;
   const Key key{use.role, use.rows, w.n(), w.k(), c10::CppTypeToScalarType<scalar_t>::value, at::get_num_threads()};
+  const bool large = use.rows * w.n() * w.k() >= kLibraryMinMacs;
   if constexpr (std::is_same_v<scalar_t, double>) {
-    return choose(key,
-                  {GemmImpl::kMicrokernel, GemmImpl::kMkl, GemmImpl::kMicrokernel, "", GemmImpl::kMicrokernel,
-                   "no MKL packed GEMM for this dtype"},
-                  [] {}, [] {});
+    // The BLAS runs on the weight as it is (CpuBackend::gemm); "auto" times it through ATen's
+    // addmm, which calls the same BLAS.
+    const bool blas = cpu_is_intel() && large && !per_step(use.role);
+    Candidates candidates{GemmImpl::kMicrokernel, GemmImpl::kBlas, blas ? GemmImpl::kBlas : GemmImpl::kMicrokernel,
+                          !cpu_is_intel()       ? "not an Intel CPU"
+                          : per_step(use.role) ? "Intel CPU, per-step GEMM"
+                          : large              ? "Intel CPU, m n k >= 2^22"
+                                               : "Intel CPU, m n k < 2^22"};
+    std::optional<PackedWeight<double>> micro;
+    at::Tensor a, c;
+    auto setup = [&] {
+      if (a.defined()) return;
+      micro.emplace(w);
+      a = at::zeros({use.rows, w.k()}, at::kDouble);
+      c = at::zeros({use.rows, w.n()}, at::kDouble);
+    };
+    return choose(
+        key, candidates,
+        [&] {
+          setup();
+          packed_gemm(use.rows, a.data_ptr<double>(), w.k(), *micro, 1, c.data_ptr<double>(), w.n());
+        },
+        [&] {
+          setup();
+          aten_gemm(use.rows, a.data_ptr<double>(), w.k(), w, 1, c.data_ptr<double>(), w.n());
+        });
   } else {
     constexpr bool kFloat = std::is_same_v<scalar_t, float>;
     Candidates candidates{GemmImpl::kMicrokernel, kFloat ? GemmImpl::kMkl : GemmImpl::kAten, GemmImpl::kMicrokernel,
                           ""};
-    const bool large = use.rows * w.n() * w.k() >= kLibraryMinMacs;
     if constexpr (kFloat) {
       if (cpu_is_intel() && large) candidates.by_cpu = GemmImpl::kMkl;
       candidates.why_by_cpu = !cpu_is_intel() ? "not an Intel CPU" : large ? "Intel CPU, m n k >= 2^22" : "Intel CPU, m n k < 2^22";

@@ -1,10 +1,12 @@
-// CPU backend: the float32/float64 GEMMs of multi-step calls (input projection, per-step
-// GEMMs, dx) run on weights packed once per call, by packed_gemm's microkernel or MKL's
-// packed GEMM, whichever gemm_select.h picked for the shape; the other GEMMs run as row
-// dot products where they have one to four rows (dot_gemm.h: generation, every dtype),
-// else call the BLAS that torch itself links (MKL or OpenBLAS export the Fortran
-// sgemm_/dgemm_), so a step costs no dispatcher round trip and no allocation; half and
-// bfloat16 call ATen's GEMM there. Weight gradients: gemm_select.h.
+// CPU backend: the GEMMs of multi-step calls (input projection, per-step GEMMs, dx) run
+// on weights packed once per call, by packed_gemm's microkernel, MKL's packed GEMM
+// (float32) or oneDNN's batch-reduce GEMM (bfloat16, half), or on the weight as it is by
+// the BLAS (float64) or ATen's GEMM (bfloat16, half), whichever gemm_select.h picked for
+// the shape. The other GEMMs run as row dot products where they have one to four rows
+// (dot_gemm.h: generation, every dtype), else call the BLAS that torch itself links (MKL
+// or OpenBLAS export the Fortran sgemm_/dgemm_), so a step costs no dispatcher round trip
+// and no allocation; half and bfloat16 call ATen's GEMM there. Weight gradients:
+// gemm_select.h.
 // The pointwise kernels run any Cell (cells.h), vectorized, in parallel over blocks of
 // the batch x hidden elements.
 #include <ATen/OpMathType.h>
@@ -62,9 +64,11 @@ inline bool column_major_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k,
                               const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   return fortran_gemm(sgemm_, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
 }
+// beta is float as in the template below: with a double beta, a float argument would make
+// the template the better match, and float64 would never reach dgemm_.
 inline bool column_major_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
-                              const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  return fortran_gemm(dgemm_, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
+                              const double* b, int64_t ldb, float beta, double* c, int64_t ldc) {
+  return fortran_gemm(dgemm_, ta, tb, m, n, k, a, lda, b, ldb, static_cast<double>(beta), c, ldc);
 }
 template <typename scalar_t>
 bool column_major_gemm(bool, bool, int64_t, int64_t, int64_t, const scalar_t*, int64_t, const scalar_t*,
@@ -110,8 +114,8 @@ struct CpuBackend {
     explicit DeviceGuard(c10::Device) {}
   };
 
-  // Packed for the microkernel or MKL, as gemm_select.h chooses (ATen's GEMM for half,
-  // and for bfloat16 without AVX-512 BF16, keeps the weight as it is).
+  // Packed for the microkernel, MKL or the batch-reduce GEMM, as gemm_select.h chooses
+  // (the BLAS and ATen's GEMM keep the weight as it is).
   template <typename scalar_t>
   static CpuWeight<scalar_t> prepare(const WeightOperand<scalar_t>& w, const GemmUse& use) {
     CpuWeight<scalar_t> prepared{w};
