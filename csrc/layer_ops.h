@@ -291,7 +291,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
 // Inference through a stack of single-direction layers without dropout, each reading the
 // y of the one below: h0 (L, N, P), c0 (L, N, H) for the LSTM, and per layer w_ih, w_hh,
 // then b_ih, b_hh if has_biases and w_hr if has_projections. Where the Backend lets
-// layers overlap (Backend::overlap_layers: on CPU, small steps), each runs on its own
+// layers overlap (Backend::overlap_layers: on CPU, small steps or weights), each runs on its own
 // thread a few steps behind the one below: a wavefront, which keeps the cores busy at
 // shapes whose steps are too small to split between them.
 template <class Backend, class Cell>
@@ -309,14 +309,15 @@ std::tuple<Tensor, Tensor, Tensor> stack_forward(const Tensor& x, const Tensor& 
               ", N, hidden_size), but got ", c0 ? c0->sizes() : h0.sizes());
   const typename Backend::DeviceGuard guard(x.device());
   // The largest layer's step: its recurrent GEMM, N x P by P x G.
-  int64_t step_flops = 0;
+  int64_t step_flops = 0, weight_bytes = 0;
   for (int64_t l = 0; l < layers; ++l) {
     const Tensor& w_hh = weights[l * per_layer + 1];
     step_flops = std::max(step_flops, 2 * h0.size(1) * w_hh.numel());
+    weight_bytes = std::max(weight_bytes, static_cast<int64_t>(w_hh.nbytes()));
   }
   // A one-step call (generation) has nothing to overlap.
   const int64_t steps = batch_sizes ? batch_sizes->numel() : x.dim() > 0 ? x.size(0) : 0;
-  const bool overlap = steps > 1 && Backend::overlap_layers(layers, step_flops);
+  const bool overlap = steps > 1 && Backend::overlap_layers(layers, step_flops, weight_bytes);
   // Every check and allocation comes first, so that running cannot fail halfway.
   // Each layer's running cells are its slice of c_n, and its final h is copied into
   // h_n's: no stacking of per-layer states after the run (generation calls this per

@@ -81,6 +81,20 @@ def test_matches_torch(mode, L, n_threads, dtype):
         torch.testing.assert_close(g, e, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_overlapped_layers_on_library_gemms(dtype):
+    """Steps of 8 Mflop whose weights (256 KiB) fit a core's L2: on 2 threads the layers
+    overlap (lstm_cpu.cpp's overlap_layers), each thread running its layer's GEMMs, which
+    on an Intel CPU are MKL's (float32) and with AMX oneDNN's batch-reduce GEMM (bfloat16)."""
+    torch.manual_seed(0)
+    ref = torch_stack("LSTM", 128, 128, 2, dtype)
+    x = torch.randn(12, 64, 128, dtype=dtype)
+    hx = initial_state(ref, 64, 2, dtype)
+    with torch.no_grad(), threads(2):
+        for g, e in zip(flat(call(ref, x, hx)), flat(ref(x, hx))):
+            torch.testing.assert_close(g, e, **TOL[dtype])
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("proj_size", [0, 3])
 def test_lstm_bias_and_projection(bias, proj_size):

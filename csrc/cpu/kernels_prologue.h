@@ -75,6 +75,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__unix__)
+#include <unistd.h>  // sysconf
+#endif
+
 #include "capability.h"
 
 // oneDNN's matmul as ATen runs it (torch's own libtorch_cpu exports it; no installed header
