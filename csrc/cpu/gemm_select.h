@@ -21,7 +21,8 @@
 //    at B=64 T=100 H=256 L=2 took 91 ms on ATen's GEMM, 245 ms on the microkernel.
 //    With AMX the per-step GEMMs (even k) run on oneDNN's batch-reduce GEMM instead of
 //    ATen's, on weights packed once per call (BrgemmPackedWeight, below).
-//    Half: ATen's GEMM, or the batch-reduce GEMM for per-step GEMMs with AMX-FP16.
+//    Half: ATen's GEMM (no machine here had AMX-FP16, on which the batch-reduce GEMM
+//    could serve half too).
 //  * The weight gradients (dg^T a over all steps, a long k): oneDNN's matmul as ATen runs
 //    it, on the strided operands as they are, or torch's BLAS (at::mm: MKL on x86 wheels).
 //    On an AMD EPYC Zen 4 oneDNN ran them up to 20% faster from k ~2500 (k=3200-6400:
@@ -75,8 +76,8 @@
 #include "../backend_api.h"
 #include "packed_gemm.h"
 
-// ATen's batch-reduce GEMM for half and bfloat16 (torches before these macros lack it).
-#if defined(CPUBLAS_BRGEMM_BF16BF16F32) && defined(CPUBLAS_BRGEMM_F16F16F32)
+// ATen's batch-reduce GEMM for bfloat16 (torches before this macro lack it).
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
 #define LSTM_EXT_BRGEMM 1
 #endif
 
@@ -94,7 +95,8 @@ namespace lstm_ext {
 
 // The microkernel and MKL's packed GEMM serve prepared float32 weights, the microkernel and
 // the BLAS float64 ones, the microkernel, ATen's GEMM and oneDNN's batch-reduce GEMM
-// bfloat16 and half ones; oneDNN's matmul and the BLAS, float32 weight gradients.
+// bfloat16 ones, ATen's GEMM half ones; oneDNN's matmul and the BLAS, float32 weight
+// gradients.
 enum class GemmImpl { kMicrokernel, kMkl, kOneDnn, kBlas, kAten, kBrgemm };
 
 namespace gemm_select_detail {
@@ -309,24 +311,23 @@ inline bool per_step(GemmRole role) {
 }
 
 #ifdef LSTM_EXT_BRGEMM
-// Whether oneDNN's batch-reduce GEMM (ATen's cpublas::brgemm) can run scalar_t on packed
-// weights here: bfloat16 with AMX-BF16, half with AMX-FP16 (cpublas::could_pack).
-template <typename scalar_t>
-bool brgemm_available() {
-  static const bool available = at::native::cpublas::could_pack(c10::CppTypeToScalarType<scalar_t>::value) &&
+// Whether oneDNN's batch-reduce GEMM (ATen's cpublas::brgemm) can run bfloat16 on packed
+// weights here: with AMX-BF16 (cpublas::could_pack).
+inline bool brgemm_available() {
+  static const bool available = at::native::cpublas::could_pack(at::kBFloat16) &&
                                 !gemm_select_detail::env_is("LSTM_EXT_GEMM_DISABLE_BRGEMM", "1");
   return available;
 }
 
 // op(W) packed once per call for oneDNN's batch-reduce GEMM, in panels of kPanel columns,
-// for C (m x n, m <= rows) = A (m x k) op(W) + beta * C with half or bfloat16 A and C.
+// for C (m x n, m <= rows) = A (m x k) op(W) + beta * C with bfloat16 A and C.
 // brgemm sums in float32 into a scratch C, rounded once into C. ATen's addmm, which reaches
 // the same AMX kernels, also repacks the weight and sets up a primitive on every call: on
 // the Intel Xeon (2 threads) 64 x 1024 x 256 ran in 42-91 us this way against 60-76 us
 // there, 32 x 512 x 128 in 12 against 31 us.
-template <typename scalar_t>
 class BrgemmPackedWeight {
  public:
+  using scalar_t = at::BFloat16;
   static constexpr int64_t kPanel = 64;  // the widest panel cpublas::pack writes
 
   BrgemmPackedWeight(const WeightOperand<scalar_t>& w, int64_t rows)
@@ -427,8 +428,8 @@ GemmImpl choose(const Key& key, const Candidates& c, const TimeFirst& time_first
 }  // namespace gemm_select_detail
 
 // The implementation for the GEMMs of `use` against w: the microkernel, or the library
-// candidate of the dtype (float32: MKL's packed GEMM; half, bfloat16: the batch-reduce
-// GEMM for per-step GEMMs where it runs, else ATen's GEMM).
+// candidate of the dtype (float32: MKL's packed GEMM; float64: the BLAS; bfloat16: the
+// batch-reduce GEMM for per-step GEMMs where it runs, else ATen's GEMM; half: ATen's GEMM).
 template <typename scalar_t>
 GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
   using namespace gemm_select_detail;
@@ -475,7 +476,9 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
     } else {
 #ifdef LSTM_EXT_BRGEMM
       // An odd k stopped the process with an illegal instruction in oneDNN (torch 2.14.1).
-      if (per_step(use.role) && w.k() % 2 == 0 && brgemm_available<scalar_t>()) candidates.second = GemmImpl::kBrgemm;
+      if (std::is_same_v<scalar_t, at::BFloat16> && per_step(use.role) && w.k() % 2 == 0 && brgemm_available()) {
+        candidates.second = GemmImpl::kBrgemm;
+      }
 #endif
       if (candidates.second == GemmImpl::kBrgemm) {
         const bool brgemm_large = use.rows * w.n() * w.k() >= kBrgemmMinMacs;
@@ -495,7 +498,7 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
     std::optional<PackedWeight<scalar_t>> micro;
     std::optional<MklPackedWeight> mkl;
 #ifdef LSTM_EXT_BRGEMM
-    std::optional<BrgemmPackedWeight<scalar_t>> brgemm;
+    std::optional<BrgemmPackedWeight> brgemm;
 #endif
     at::Tensor a, c;
     auto setup = [&] {
@@ -503,7 +506,7 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
       if constexpr (kHasPackedGemm<scalar_t>) micro.emplace(w);
       if constexpr (kFloat) mkl.emplace(w, use.rows);
 #ifdef LSTM_EXT_BRGEMM
-      if constexpr (!kFloat) {
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
         if (candidates.second == GemmImpl::kBrgemm) brgemm.emplace(w, use.rows);
       }
 #endif
@@ -525,7 +528,9 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
             mkl->compute(a.data_ptr<float>(), w.k(), 1, c.data_ptr<float>(), w.n());
           } else {
 #ifdef LSTM_EXT_BRGEMM
-            if (brgemm) return brgemm->compute(use.rows, a.data_ptr<scalar_t>(), w.k(), 1, c.data_ptr<scalar_t>(), w.n());
+            if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+              if (brgemm) return brgemm->compute(use.rows, a.data_ptr<scalar_t>(), w.k(), 1, c.data_ptr<scalar_t>(), w.n());
+            }
 #endif
             aten_gemm(use.rows, a.data_ptr<scalar_t>(), w.k(), w, 1, c.data_ptr<scalar_t>(), w.n());
           }

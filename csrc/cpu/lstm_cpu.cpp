@@ -1,6 +1,6 @@
 // CPU backend: the GEMMs of multi-step calls (input projection, per-step GEMMs, dx) run
 // on weights packed once per call, by packed_gemm's microkernel, MKL's packed GEMM
-// (float32) or oneDNN's batch-reduce GEMM (bfloat16, half), or on the weight as it is by
+// (float32) or oneDNN's batch-reduce GEMM (bfloat16), or on the weight as it is by
 // the BLAS (float64) or ATen's GEMM (bfloat16, half), whichever gemm_select.h picked for
 // the shape. The other GEMMs run as row dot products where they have one to four rows
 // (dot_gemm.h: generation, every dtype), else call the BLAS that torch itself links (MKL
@@ -100,7 +100,7 @@ struct CpuWeight {
   std::optional<PackedWeight<scalar_t>> packed;
   std::optional<MklPackedWeight> mkl;
 #ifdef LSTM_EXT_BRGEMM
-  std::optional<BrgemmPackedWeight<scalar_t>> brgemm;
+  std::optional<BrgemmPackedWeight> brgemm;  // bfloat16 only
 #endif
   bool aten = false;
 };
@@ -128,7 +128,7 @@ struct CpuBackend {
       if (impl == GemmImpl::kMkl) prepared.mkl.emplace(w, use.rows);
     }
 #ifdef LSTM_EXT_BRGEMM
-    if constexpr (!std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       if (impl == GemmImpl::kBrgemm) prepared.brgemm.emplace(w, use.rows);
     }
 #endif
@@ -146,7 +146,7 @@ struct CpuBackend {
       if (w.mkl && m == w.mkl->rows()) return w.mkl->compute(a, lda, beta, c, ldc);
     }
 #ifdef LSTM_EXT_BRGEMM
-    if constexpr (!std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>) {
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       if (w.brgemm && m <= w.brgemm->rows()) return w.brgemm->compute(m, a, lda, beta, c, ldc);
     }
 #endif
