@@ -435,107 +435,87 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
   using namespace gemm_select_detail;
   const Key key{use.role, use.rows, w.n(), w.k(), c10::CppTypeToScalarType<scalar_t>::value, at::get_num_threads()};
   const bool large = use.rows * w.n() * w.k() >= kLibraryMinMacs;
-  if constexpr (std::is_same_v<scalar_t, double>) {
-    // The BLAS runs on the weight as it is (CpuBackend::gemm); "auto" times it through ATen's
-    // addmm, which calls the same BLAS.
-    const bool blas = cpu_is_intel() && large && !per_step(use.role);
-    Candidates candidates{GemmImpl::kMicrokernel, GemmImpl::kBlas, blas ? GemmImpl::kBlas : GemmImpl::kMicrokernel,
-                          !cpu_is_intel()       ? "not an Intel CPU"
-                          : per_step(use.role) ? "Intel CPU, per-step GEMM"
-                          : large              ? "Intel CPU, m n k >= 2^22"
-                                               : "Intel CPU, m n k < 2^22"};
-    std::optional<PackedWeight<double>> micro;
-    at::Tensor a, c;
-    auto setup = [&] {
-      if (a.defined()) return;
-      micro.emplace(w);
-      a = at::zeros({use.rows, w.k()}, at::kDouble);
-      c = at::zeros({use.rows, w.n()}, at::kDouble);
-    };
-    return choose(
-        key, candidates,
-        [&] {
-          setup();
-          packed_gemm(use.rows, a.data_ptr<double>(), w.k(), *micro, 1, c.data_ptr<double>(), w.n());
-        },
-        [&] {
-          setup();
-          aten_gemm(use.rows, a.data_ptr<double>(), w.k(), w, 1, c.data_ptr<double>(), w.n());
-        });
-  } else {
-    constexpr bool kFloat = std::is_same_v<scalar_t, float>;
-    Candidates candidates{GemmImpl::kMicrokernel, kFloat ? GemmImpl::kMkl : GemmImpl::kAten, GemmImpl::kMicrokernel,
-                          ""};
-    if constexpr (kFloat) {
-      if (cpu_is_intel() && large) candidates.by_cpu = GemmImpl::kMkl;
-      candidates.why_by_cpu = !cpu_is_intel() ? "not an Intel CPU" : large ? "Intel CPU, m n k >= 2^22" : "Intel CPU, m n k < 2^22";
-      if (!mkl_packed_gemm_available() || !MklPackedWeight::fits(use.rows, w)) {
-        candidates.only = GemmImpl::kMicrokernel;
-        candidates.why_only = "MKL packed GEMM unavailable";
-      }
-    } else {
-#ifdef LSTM_EXT_BRGEMM
-      // An odd k stopped the process with an illegal instruction in oneDNN (torch 2.14.1).
-      if (std::is_same_v<scalar_t, at::BFloat16> && per_step(use.role) && w.k() % 2 == 0 && brgemm_available()) {
-        candidates.second = GemmImpl::kBrgemm;
-      }
-#endif
-      if (candidates.second == GemmImpl::kBrgemm) {
-        const bool brgemm_large = use.rows * w.n() * w.k() >= kBrgemmMinMacs;
-        if (brgemm_large) candidates.by_cpu = GemmImpl::kBrgemm;
-        candidates.why_by_cpu = brgemm_large ? "AMX, per-step m n k >= 2^21" : "AMX, per-step m n k < 2^21";
-      } else {
-        if (cpu_has_amx_bf16() && large) candidates.by_cpu = GemmImpl::kAten;
-        candidates.why_by_cpu = !cpu_has_amx_bf16() ? "no AMX" : large ? "AMX, m n k >= 2^22" : "AMX, m n k < 2^22";
-      }
-      if (!packed_gemm_runs<scalar_t>()) {
-        candidates.only = GemmImpl::kAten;
-        candidates.why_only = std::is_same_v<scalar_t, at::BFloat16> ? "no AVX-512 BF16 microkernel here"
-                                                                      : "no microkernel for this dtype";
-      }
+  constexpr bool kFloat = std::is_same_v<scalar_t, float>, kDouble = std::is_same_v<scalar_t, double>;
+  Candidates candidates{GemmImpl::kMicrokernel,
+                        kFloat ? GemmImpl::kMkl : kDouble ? GemmImpl::kBlas : GemmImpl::kAten,
+                        GemmImpl::kMicrokernel, ""};
+  if constexpr (kDouble) {
+    // The BLAS runs on the weight as it is (CpuBackend::gemm).
+    if (cpu_is_intel() && large && !per_step(use.role)) candidates.by_cpu = GemmImpl::kBlas;
+    candidates.why_by_cpu = !cpu_is_intel()       ? "not an Intel CPU"
+                            : per_step(use.role) ? "Intel CPU, per-step GEMM"
+                            : large              ? "Intel CPU, m n k >= 2^22"
+                                                 : "Intel CPU, m n k < 2^22";
+  } else if constexpr (kFloat) {
+    if (cpu_is_intel() && large) candidates.by_cpu = GemmImpl::kMkl;
+    candidates.why_by_cpu = !cpu_is_intel() ? "not an Intel CPU" : large ? "Intel CPU, m n k >= 2^22" : "Intel CPU, m n k < 2^22";
+    if (!mkl_packed_gemm_available() || !MklPackedWeight::fits(use.rows, w)) {
+      candidates.only = GemmImpl::kMicrokernel;
+      candidates.why_only = "MKL packed GEMM unavailable";
     }
-    // Timed (with "auto" only) on the real weight and zero inputs, into a scratch C.
-    std::optional<PackedWeight<scalar_t>> micro;
-    std::optional<MklPackedWeight> mkl;
+  } else {
 #ifdef LSTM_EXT_BRGEMM
-    std::optional<BrgemmPackedWeight> brgemm;
+    // An odd k stopped the process with an illegal instruction in oneDNN (torch 2.14.1).
+    if (std::is_same_v<scalar_t, at::BFloat16> && per_step(use.role) && w.k() % 2 == 0 && brgemm_available()) {
+      candidates.second = GemmImpl::kBrgemm;
+    }
 #endif
-    at::Tensor a, c;
-    auto setup = [&] {
-      if (a.defined()) return;
-      if constexpr (kHasPackedGemm<scalar_t>) micro.emplace(w);
-      if constexpr (kFloat) mkl.emplace(w, use.rows);
-#ifdef LSTM_EXT_BRGEMM
-      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-        if (candidates.second == GemmImpl::kBrgemm) brgemm.emplace(w, use.rows);
-      }
-#endif
-      const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-      a = at::zeros({use.rows, w.k()}, options);
-      c = at::zeros({use.rows, w.n()}, options);
-    };
-    return choose(
-        key, candidates,
-        [&] {
-          setup();
-          if constexpr (kHasPackedGemm<scalar_t>) {
-            packed_gemm(use.rows, a.data_ptr<scalar_t>(), w.k(), *micro, 1, c.data_ptr<scalar_t>(), w.n());
-          }
-        },
-        [&] {
-          setup();
-          if constexpr (kFloat) {
-            mkl->compute(a.data_ptr<float>(), w.k(), 1, c.data_ptr<float>(), w.n());
-          } else {
-#ifdef LSTM_EXT_BRGEMM
-            if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-              if (brgemm) return brgemm->compute(use.rows, a.data_ptr<scalar_t>(), w.k(), 1, c.data_ptr<scalar_t>(), w.n());
-            }
-#endif
-            aten_gemm(use.rows, a.data_ptr<scalar_t>(), w.k(), w, 1, c.data_ptr<scalar_t>(), w.n());
-          }
-        });
+    if (candidates.second == GemmImpl::kBrgemm) {
+      const bool brgemm_large = use.rows * w.n() * w.k() >= kBrgemmMinMacs;
+      if (brgemm_large) candidates.by_cpu = GemmImpl::kBrgemm;
+      candidates.why_by_cpu = brgemm_large ? "AMX, per-step m n k >= 2^21" : "AMX, per-step m n k < 2^21";
+    } else {
+      if (cpu_has_amx_bf16() && large) candidates.by_cpu = GemmImpl::kAten;
+      candidates.why_by_cpu = !cpu_has_amx_bf16() ? "no AMX" : large ? "AMX, m n k >= 2^22" : "AMX, m n k < 2^22";
+    }
+    if (!packed_gemm_runs<scalar_t>()) {
+      candidates.only = GemmImpl::kAten;
+      candidates.why_only = std::is_same_v<scalar_t, at::BFloat16> ? "no AVX-512 BF16 microkernel here"
+                                                                    : "no microkernel for this dtype";
+    }
   }
+  // Timed (with "auto" only) on the real weight and zero inputs, into a scratch C; the
+  // BLAS (float64) through ATen's addmm, which calls it.
+  std::optional<PackedWeight<scalar_t>> micro;
+  std::optional<MklPackedWeight> mkl;
+#ifdef LSTM_EXT_BRGEMM
+  std::optional<BrgemmPackedWeight> brgemm;
+#endif
+  at::Tensor a, c;
+  auto setup = [&] {
+    if (a.defined()) return;
+    if constexpr (kHasPackedGemm<scalar_t>) micro.emplace(w);
+    if constexpr (kFloat) mkl.emplace(w, use.rows);
+#ifdef LSTM_EXT_BRGEMM
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (candidates.second == GemmImpl::kBrgemm) brgemm.emplace(w, use.rows);
+    }
+#endif
+    const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+    a = at::zeros({use.rows, w.k()}, options);
+    c = at::zeros({use.rows, w.n()}, options);
+  };
+  return choose(
+      key, candidates,
+      [&] {
+        setup();
+        if constexpr (kHasPackedGemm<scalar_t>) {
+          packed_gemm(use.rows, a.data_ptr<scalar_t>(), w.k(), *micro, 1, c.data_ptr<scalar_t>(), w.n());
+        }
+      },
+      [&] {
+        setup();
+        if constexpr (kFloat) {
+          mkl->compute(a.data_ptr<float>(), w.k(), 1, c.data_ptr<float>(), w.n());
+        } else {
+#ifdef LSTM_EXT_BRGEMM
+          if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+            if (brgemm) return brgemm->compute(use.rows, a.data_ptr<scalar_t>(), w.k(), 1, c.data_ptr<scalar_t>(), w.n());
+          }
+#endif
+          aten_gemm(use.rows, a.data_ptr<scalar_t>(), w.k(), w, 1, c.data_ptr<scalar_t>(), w.n());
+        }
+      });
 }
 
 namespace gemm_select_detail {
