@@ -8,6 +8,10 @@
 //     with W what prepare returned (every per-step GEMM multiplies by a weight on the right);
 //   pointwise<Cell>(step): run the Cell's element math (cells.h) over the rows x hidden
 //     elements of a ForwardStep or a BackwardStep;
+//   recurrent_step<Cell>(W, a_carry, a_start, lda, step): where the backend can, run a
+//     forward step's recurrent GEMM (rows [0, n_carry) of A from a_carry, the others from
+//     a_start) and its Cell as one, the Cell reading the GEMM's sums where they are made,
+//     and return true; else return false, and the time loop calls gemm and pointwise;
 //   weight_grad(dg, a): dg^T a, a weight gradient over all steps, from 2-D tensors.
 #pragma once
 
@@ -33,9 +37,12 @@ enum class GemmRole {
 
 // What a prepared weight serves: the GEMMs of `role` over `steps` steps of the sequence,
 // all or most of them (packed sequences: the steps of the longest) with `rows` rows.
+// For the recurrent GEMM, `gates`: the Cell's kGates, the blocks of hidden columns that
+// op(W)'s n columns form (a backend running recurrent_step may group them by unit).
 struct GemmUse {
   GemmRole role;
   int64_t steps, rows;
+  int64_t gates = 1;
 };
 
 // Pointers of one forward step; rows [0, n_carry) continue from the previous step's

@@ -46,6 +46,27 @@ struct ForwardElement {
   C10_HOST_DEVICE void set_h(T v) const { Lane::store(s.h_out + b * s.hidden + j, v); }
 };
 
+// A ForwardElement whose recurrent pre-activations W_hh h come apart, in the opmath type,
+// from a GEMM's sums grouped by unit (a backend's recurrent_step): gate k of unit j of row b
+// at sums[b * ld + k * units + j - j0], for the group of units [j0, j0 + units). The Cell
+// must be handed it as it is (Cell::forward(e)): run_cell takes a ForwardElement.
+template <class Cell, typename T, class Lane, class SumLane, typename scalar_t, typename acc_t>
+struct ForwardElementWithSums : ForwardElement<Cell, T, Lane, scalar_t> {
+  using Base = ForwardElement<Cell, T, Lane, scalar_t>;
+  const acc_t* sums;
+  int64_t ld, units, j0;
+
+  C10_HOST_DEVICE T sum(int k) const { return SumLane::load(sums + this->b * ld + k * units + this->j - j0); }
+  C10_HOST_DEVICE T pre(int k) const {
+    if constexpr (Cell::kSeparateRecurrent) {
+      return Base::pre(k);
+    } else {
+      return Base::pre(k) + sum(k);
+    }
+  }
+  C10_HOST_DEVICE T recurrent(int k) const { return sum(k) + this->at(this->s.bias_hh, k); }
+};
+
 template <class Cell, typename T, class Lane, typename scalar_t>
 struct BackwardElement {
   using Value = T;

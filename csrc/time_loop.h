@@ -80,7 +80,8 @@ void forward_time_loop(const LayerDims& d, const Schedule& sc, const ForwardData
   const int64_t projected_rows = std::min(st.block_steps * d.N, d.R);
   const auto w_ih_t = Backend::prepare(WeightOperand<scalar_t>{p.w_ih, G, d.I, true},
                                        {GemmRole::kInputProjection, d.T, projected_rows});
-  const auto w_hh_t = Backend::prepare(WeightOperand<scalar_t>{p.w_hh, G, d.P, true}, {GemmRole::kRecurrent, d.T, d.N});
+  const auto w_hh_t = Backend::prepare(WeightOperand<scalar_t>{p.w_hh, G, d.P, true},
+                                       {GemmRole::kRecurrent, d.T, d.N, Cell::kGates});
   // Without a projection w_hr is null: its operand is left empty, and unused.
   const auto w_hr_t = Backend::prepare(WeightOperand<scalar_t>{p.w_hr, d.projected ? d.P : 0, d.H, true},
                                        {GemmRole::kProjection, d.T, d.N});
@@ -100,13 +101,6 @@ void forward_time_loop(const LayerDims& d, const Schedule& sc, const ForwardData
     scalar_t* recurrent = Cell::kSeparateRecurrent ? st.recurrent + r0 * G : saved;
     const scalar_t* h0 = p.h0 + r0 * d.P;
     const scalar_t* h_carry = s.n_carry > 0 ? p.y + s.prev_row0 * d.P : nullptr;
-    if (s.n_carry > 0) {
-      Backend::gemm(s.n_carry, h_carry, d.P, w_hh_t, beta_recurrent, recurrent, ld_recurrent);
-    }
-    if (s.rows > s.n_carry) {
-      Backend::gemm(s.rows - s.n_carry, h0 + s.n_carry * d.P, d.P, w_hh_t, beta_recurrent,
-                    recurrent + s.n_carry * ld_recurrent, ld_recurrent);
-    }
     scalar_t* y_t = p.y + s.row0 * d.P;
     scalar_t* h_t = d.projected ? state_at(st.hidden, s.row0) : y_t;
     ForwardStep<scalar_t> step{saved, Cell::kSeparateRecurrent ? recurrent : nullptr, p.bias, p.bias_hh,
@@ -117,7 +111,17 @@ void forward_time_loop(const LayerDims& d, const Schedule& sc, const ForwardData
       step.c0 = st.per_step ? p.c0 + r0 * d.H : state_at(st.cells, s.row0);
       step.c_out = state_at(st.cells, s.row0);
     }
-    Backend::template pointwise<Cell>(step);
+    const scalar_t* h_start = h0 + s.n_carry * d.P;
+    if (!Backend::template recurrent_step<Cell>(w_hh_t, h_carry, h_start, d.P, step)) {
+      if (s.n_carry > 0) {
+        Backend::gemm(s.n_carry, h_carry, d.P, w_hh_t, beta_recurrent, recurrent, ld_recurrent);
+      }
+      if (s.rows > s.n_carry) {
+        Backend::gemm(s.rows - s.n_carry, h_start, d.P, w_hh_t, beta_recurrent, recurrent + s.n_carry * ld_recurrent,
+                      ld_recurrent);
+      }
+      Backend::template pointwise<Cell>(step);
+    }
     if (d.projected) {
       Backend::gemm(s.rows, h_t, d.H, w_hr_t, 0, y_t, d.P);
     }

@@ -53,29 +53,39 @@ CELLS = [
 # pre-activation that rounds across zero, and the draws of the others are known not to.
 CALLS = [(T, len(lengths), False), (T, len(lengths), True)]
 FEW_ROWS = [(1, 3, False), (3, 1, False)]
+
+
+def check(ref_cls, ext_cls, extra, dtype, steps, batch, packed):
+    ref = ref_cls(I, H, num_layers=2, bidirectional=True, dtype=dtype, **extra)
+    ext = ext_cls(I, H, num_layers=2, bidirectional=True, dtype=dtype, **extra)
+    ext.load_state_dict(ref.state_dict())
+    x = torch.randn(steps, batch, I, dtype=dtype)
+    results = {}
+    for name, module in (("ref", ref), ("ext", ext)):
+        leaf = x.clone().requires_grad_()
+        inp = pack_padded_sequence(leaf, lengths) if packed else leaf
+        y, state = module(inp)
+        states = state if isinstance(state, tuple) else (state,)
+        y = y.data if packed else y
+        (y.square().sum() + sum((k + 1) * s.sum() for k, s in enumerate(states))).backward()
+        with torch.no_grad():
+            y_inf = module(inp)[0]
+        results[name] = [y, *states, leaf.grad, y_inf.data if packed else y_inf] + [p.grad for p in module.parameters()]
+    for i, (got, expected) in enumerate(zip(results["ext"], results["ref"])):
+        close(got, expected, dtype, f"{ref_cls.__name__} {extra} {dtype} T={steps} N={batch} packed={packed} output {i}")
+
+
 for calls in (CALLS, FEW_ROWS):
     for dtype in DTYPES:
         for ref_cls, ext_cls, extra in CELLS:
             for steps, batch, packed in calls:
-                ref = ref_cls(I, H, num_layers=2, bidirectional=True, dtype=dtype, **extra)
-                ext = ext_cls(I, H, num_layers=2, bidirectional=True, dtype=dtype, **extra)
-                ext.load_state_dict(ref.state_dict())
-                x = torch.randn(steps, batch, I, dtype=dtype)
-                results = {}
-                for name, module in (("ref", ref), ("ext", ext)):
-                    leaf = x.clone().requires_grad_()
-                    inp = pack_padded_sequence(leaf, lengths) if packed else leaf
-                    y, state = module(inp)
-                    states = state if isinstance(state, tuple) else (state,)
-                    y = y.data if packed else y
-                    (y.square().sum() + sum((k + 1) * s.sum() for k, s in enumerate(states))).backward()
-                    with torch.no_grad():
-                        y_inf = module(inp)[0]
-                    results[name] = [y, *states, leaf.grad, y_inf.data if packed else y_inf] + [
-                        p.grad for p in module.parameters()
-                    ]
-                for i, (got, expected) in enumerate(zip(results["ext"], results["ref"])):
-                    close(got, expected, dtype, f"{ref_cls.__name__} {extra} {dtype} T={steps} N={batch} packed={packed} output {i}")
+                check(ref_cls, ext_cls, extra, dtype, steps, batch, packed)
+# The LSTM without a projection, whose recurrent GEMM (k = H, even) the batch-reduce GEMM can
+# serve with the cell run on each panel (H = 20: a group of 16 units, then 4). Last, so that
+# the draws above stay as they were.
+for dtype in DTYPES:
+    for steps, batch, packed in CALLS:
+        check(nn.LSTM, lstm_ext.LSTM, {}, dtype, steps, batch, packed)
 print("cpu_capability:", torch.ops.lstm_ext.cpu_capability())
 print(torch.ops.lstm_ext.gemm_choices(), end="")
 """

@@ -319,49 +319,78 @@ inline bool brgemm_available() {
   return available;
 }
 
-// op(W) packed once per call for oneDNN's batch-reduce GEMM, in panels of kPanel columns,
-// for C (m x n, m <= rows) = A (m x k) op(W) + beta * C with bfloat16 A and C.
+// op(W) packed once per call for oneDNN's batch-reduce GEMM, in panels of at most kPanel
+// columns, for C (m x n, m <= rows) = A (m x k) op(W) + beta * C with bfloat16 A and C.
 // brgemm sums in float32 into a scratch C, rounded once into C. ATen's addmm, which reaches
 // the same AMX kernels, also repacks the weight and sets up a primitive on every call: on
 // the Intel Xeon (2 threads) 64 x 1024 x 256 ran in 42-91 us this way against 60-76 us
 // there, 32 x 512 x 128 in 12 against 31 us.
+// With gates > 1 (a recurrent weight whose n columns are a cell's gate blocks of n / gates
+// units each), each panel holds every gate of its units instead: panel p, gate g, unit u
+// at column g * units + u - p * units, so that whoever computes the panel can run the cell
+// on those units (for_each_panel, CpuBackend::recurrent_step); compute() needs gates == 1.
 class BrgemmPackedWeight {
  public:
   using scalar_t = at::BFloat16;
   static constexpr int64_t kPanel = 64;  // the widest panel cpublas::pack writes
 
-  BrgemmPackedWeight(const WeightOperand<scalar_t>& w, int64_t rows)
-      : rows_(rows), n_(w.n()), k_(w.k()), panels_((n_ + kPanel - 1) / kPanel),
+  BrgemmPackedWeight(const WeightOperand<scalar_t>& w, int64_t rows, int64_t gates = 1)
+      : rows_(rows), n_(w.n()), k_(w.k()), gates_(gates), hidden_(n_ / gates),
+        // Units per panel: all of it for gates == 1, else a vector of float32 (16) per gate.
+        units_(gates == 1 ? kPanel : 16), width_(gates * units_), panels_((hidden_ + units_ - 1) / units_),
         // Pairs of k rows interleave (VNNI): an odd k is padded with a zero row.
-        panel_size_((k_ + 1) / 2 * 2 * kPanel) {
+        panel_size_((k_ + 1) / 2 * 2 * width_) {
+    TORCH_INTERNAL_ASSERT(gates >= 1 && width_ <= kPanel && hidden_ * gates == n_);
     constexpr auto dtype = c10::CppTypeToScalarType<scalar_t>::value;
     const auto options = at::TensorOptions().dtype(dtype);
-    // op(W) row-major, k x (panels kPanel), zero past column n.
-    at::Tensor b = at::zeros({k_, panels_ * kPanel}, options);
+    // op(W) row-major as k x gates x (panels units), zero past unit hidden, then each
+    // panel's gates side by side: k x panels x gates x units.
+    at::Tensor grouped = at::zeros({k_, gates_, panels_ * units_}, options);
     const at::Tensor weight = at::from_blob(const_cast<scalar_t*>(w.data), {w.rows, w.cols}, options);
-    b.narrow(1, 0, n_).copy_(w.transposed ? weight.t() : weight);
+    grouped.narrow(2, 0, hidden_).copy_((w.transposed ? weight.t() : weight).reshape({k_, gates_, hidden_}));
+    const at::Tensor b =
+        grouped.view({k_, gates_, panels_, units_}).permute({0, 2, 1, 3}).contiguous().view({k_, panels_ * width_});
     packed_ = at::empty({panels_ * panel_size_}, options);
     for (int64_t p = 0; p < panels_; ++p) {
-      at::native::cpublas::pack(k_, kPanel, panels_ * kPanel, kPanel, dtype, dtype, b.data_ptr<scalar_t>() + p * kPanel,
+      at::native::cpublas::pack(k_, width_, panels_ * width_, width_, dtype, dtype, b.data_ptr<scalar_t>() + p * width_,
                                 packed_.data_ptr<scalar_t>() + p * panel_size_);
     }
-    sums_ = at::empty({rows_, panels_ * kPanel}, at::kFloat);
+    sums_ = at::empty({rows_, panels_ * width_}, at::kFloat);
   }
 
   int64_t rows() const { return rows_; }
+  int64_t gates() const { return gates_; }
+  // The units (of hidden) each panel holds, all its gates' columns for each.
+  int64_t units() const { return units_; }
 
-  // In parallel over the panels; each thread releases AMX's tile state when done.
+  // C = A op(W) + beta C, in parallel over the panels.
   void compute(int64_t m, const scalar_t* a, int64_t lda, float beta, scalar_t* c, int64_t ldc) const {
-    const int64_t ld_sums = panels_ * kPanel;
+    TORCH_INTERNAL_ASSERT(gates_ == 1, "a weight grouped by unit serves recurrent_step only");
+    for_each_panel(m, m, a, a, lda, [&](int64_t j0, const float* sums, int64_t ld_sums) {
+      for (int64_t i = 0; i < m; ++i) round_into(sums + i * ld_sums, beta, c + i * ldc + j0, std::min(kPanel, n_ - j0));
+    });
+  }
+
+  // For each panel, in parallel: its float32 sums of rows [0, m) of A op(W), rows [0, m_first)
+  // of A from a_first and the others from a_rest, then fn(first unit (gates > 1) or column,
+  // the panel's sums, their row stride) on the same thread. Each thread releases AMX's tile
+  // state when done.
+  template <class Fn>
+  void for_each_panel(int64_t m, int64_t m_first, const scalar_t* a_first, const scalar_t* a_rest, int64_t lda,
+                      const Fn& fn) const {
+    const int64_t ld_sums = panels_ * width_;
     const scalar_t* packed = packed_.data_ptr<scalar_t>();
     float* sums = sums_.data_ptr<float>();
     at::parallel_for(0, panels_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
-        const int64_t j0 = p * kPanel;
-        at::native::cpublas::brgemm(m, kPanel, k_, lda, kPanel, ld_sums, false, a, packed + p * panel_size_, sums + j0);
-        for (int64_t i = 0; i < m; ++i) {
-          round_into(sums + i * ld_sums + j0, beta, c + i * ldc + j0, std::min(kPanel, n_ - j0));
+        float* panel_sums = sums + p * width_;
+        const scalar_t* b = packed + p * panel_size_;
+        if (m_first > 0) at::native::cpublas::brgemm(m_first, width_, k_, lda, width_, ld_sums, false, a_first, b, panel_sums);
+        if (m > m_first) {
+          at::native::cpublas::brgemm(m - m_first, width_, k_, lda, width_, ld_sums, false, a_rest, b,
+                                      panel_sums + m_first * ld_sums);
         }
+        fn(p * units_, static_cast<const float*>(panel_sums), ld_sums);
       }
       at::native::cpublas::brgemm_release();
     });
@@ -380,7 +409,7 @@ class BrgemmPackedWeight {
     for (; j < cols; ++j) c[j] = static_cast<scalar_t>(beta == 0 ? sums[j] : beta * static_cast<float>(c[j]) + sums[j]);
   }
 
-  int64_t rows_, n_, k_, panels_, panel_size_;
+  int64_t rows_, n_, k_, gates_, hidden_, units_, width_, panels_, panel_size_;
   at::Tensor packed_, sums_;
 };
 #endif

@@ -129,7 +129,7 @@ struct CpuBackend {
     }
 #ifdef LSTM_EXT_BRGEMM
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (impl == GemmImpl::kBrgemm) prepared.brgemm.emplace(w, use.rows);
+      if (impl == GemmImpl::kBrgemm) prepared.brgemm.emplace(w, use.rows, use.gates);
     }
 #endif
     prepared.aten = impl == GemmImpl::kAten;
@@ -265,6 +265,37 @@ struct CpuBackend {
       }
       for (; j < j1; ++j) run_cell(Element<Cell, acc_t, ScalarLane<acc_t, scalar_t>, StepT>{s, b, j});
     });
+  }
+
+  // With a recurrent weight on the batch-reduce GEMM (bfloat16 on AMX), grouped by unit:
+  // each thread runs the cell on the units of each panel it has just multiplied, from the
+  // panel's float32 sums. One fork-join per step instead of two, the sums neither rounded
+  // to bfloat16 nor written out, and each unit's gates and cell state stay on one core.
+  // Other weights: false, gemm and pointwise.
+  template <class Cell, typename scalar_t>
+  static bool recurrent_step(const CpuWeight<scalar_t>& w, const scalar_t* a_carry, const scalar_t* a_start,
+                             int64_t lda, const ForwardStep<scalar_t>& s) {
+#ifdef LSTM_EXT_BRGEMM
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (!w.brgemm || w.brgemm->gates() != Cell::kGates) return false;
+      TORCH_INTERNAL_ASSERT(s.rows <= w.brgemm->rows());
+      using Vec = at::vec::Vectorized<float>;
+      using VecElement = ForwardElementWithSums<Cell, Vec, VecLane<float, scalar_t>, VecLane<float, float>, scalar_t, float>;
+      using ScalarElement =
+          ForwardElementWithSums<Cell, float, ScalarLane<float, scalar_t>, ScalarLane<float, float>, scalar_t, float>;
+      const int64_t units = w.brgemm->units();
+      w.brgemm->for_each_panel(s.rows, s.n_carry, a_carry, a_start, lda, [&](int64_t j0, const float* sums, int64_t ld) {
+        const int64_t j1 = std::min(s.hidden, j0 + units);
+        for (int64_t b = 0; b < s.rows; ++b) {
+          int64_t j = j0;
+          for (; j + Vec::size() <= j1; j += Vec::size()) Cell::forward(VecElement{{s, b, j}, sums, ld, units, j0});
+          for (; j < j1; ++j) Cell::forward(ScalarElement{{s, b, j}, sums, ld, units, j0});
+        }
+      });
+      return true;
+    }
+#endif
+    return false;
   }
 };
 

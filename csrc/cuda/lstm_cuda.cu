@@ -132,6 +132,13 @@ struct CudaBackend {
     pointwise_kernel<Cell><<<blocks_for(s.rows * s.hidden), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+
+  // The recurrent GEMM (cuBLAS) and the cell kernel stay two launches.
+  template <class Cell, typename scalar_t>
+  static bool recurrent_step(const CudaWeight<scalar_t>& /*w*/, const scalar_t* /*a_carry*/,
+                             const scalar_t* /*a_start*/, int64_t /*lda*/, const ForwardStep<scalar_t>& /*step*/) {
+    return false;
+  }
 };
 
 }  // namespace
