@@ -11,7 +11,7 @@
 
 namespace lstm_ext {
 
-// exp, tanh, relu (NaN stays NaN), and where_positive(y, v): v where y > 0, else 0.
+// exp, tanh, reciprocal, relu (NaN stays NaN), and where_positive(y, v): v where y > 0, else 0.
 template <typename T>
 struct Math;
 
@@ -19,6 +19,7 @@ template <>
 struct Math<float> {
   C10_HOST_DEVICE static float exp(float x) { return expf(x); }
   C10_HOST_DEVICE static float tanh(float x) { return tanhf(x); }
+  C10_HOST_DEVICE static float reciprocal(float x) { return 1.f / x; }
   C10_HOST_DEVICE static float relu(float x) { return x < 0.f ? 0.f : x; }
   C10_HOST_DEVICE static float where_positive(float y, float v) { return y > 0.f ? v : 0.f; }
 };
@@ -27,6 +28,7 @@ template <>
 struct Math<double> {
   C10_HOST_DEVICE static double exp(double x) { return ::exp(x); }
   C10_HOST_DEVICE static double tanh(double x) { return ::tanh(x); }
+  C10_HOST_DEVICE static double reciprocal(double x) { return 1. / x; }
   C10_HOST_DEVICE static double relu(double x) { return x < 0. ? 0. : x; }
   C10_HOST_DEVICE static double where_positive(double y, double v) { return y > 0. ? v : 0.; }
 };
@@ -34,7 +36,7 @@ struct Math<double> {
 // 1 / (1 + e^-x) saturates cleanly: e^-x = inf gives exactly 0, never NaN.
 template <typename T>
 C10_HOST_DEVICE inline T sigmoid(T x) {
-  return T(1) / (T(1) + Math<T>::exp(T(0) - x));
+  return Math<T>::reciprocal(T(1) + Math<T>::exp(T(0) - x));
 }
 
 // Derivatives through the saved activations y = sigmoid(x) and y = tanh(x).

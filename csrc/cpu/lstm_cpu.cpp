@@ -42,6 +42,7 @@ struct Math<at::vec::Vectorized<T>> {
   using Vec = at::vec::Vectorized<T>;
   static Vec exp(const Vec& x) { return vec_exp(x); }
   static Vec tanh(const Vec& x) { return vec_tanh(x); }
+  static Vec reciprocal(const Vec& x) { return vec_reciprocal(x); }
   static Vec relu(const Vec& x) { return at::vec::clamp_min(x, Vec(0)); }  // max keeps NaN
   static Vec where_positive(const Vec& y, const Vec& v) { return Vec::blendv(Vec(0), v, y > Vec(0)); }
 };
