@@ -155,8 +155,10 @@ def by_cpu(line: str, brgemm: bool = True) -> str:
         if "amx_bf16" not in FLAGS:
             return "microkernel (default: no AMX)"
         if brgemm and brgemm_serves(line):
-            per_step_large = m * n * k >= 1 << 21
-            return f"{'brgemm' if per_step_large else 'microkernel'} (default: AMX, per-step m n k {'>=' if per_step_large else '<'} 2^21)"
+            # The forward's recurrent GEMM runs with the cell on each panel, from a smaller size on.
+            role, bits = ("recurrent", 18) if line.startswith("recurrent bfloat16") else ("per-step", 21)
+            served = m * n * k >= 1 << bits
+            return f"{'brgemm' if served else 'microkernel'} (default: AMX, {role} m n k {'>=' if served else '<'} 2^{bits})"
         return f"{'aten' if large else 'microkernel'} (default: AMX, {size})"
     if not INTEL:
         return "microkernel (default: not an Intel CPU)"

@@ -33,10 +33,10 @@
 //     microkernel for smaller ones, MKL's BLAS for the weight gradients; float64 input
 //     projections and dx of m n k >= 2^22 on the BLAS, the per-step GEMMs on the
 //     microkernel), elsewhere the microkernel and oneDNN's weight gradients; bfloat16
-//     where the CPU has AMX on
-//     oneDNN's batch-reduce GEMM (per-step GEMMs of m n k >= 2^21) or ATen's GEMM (the
-//     others of m n k >= 2^22), smaller ones on the microkernel; on the microkernel where
-//     it has AVX-512 BF16 only.
+//     where the CPU has AMX on oneDNN's batch-reduce GEMM (the forward's recurrent GEMM
+//     from m n k = 2^18, the other per-step GEMMs from 2^21) or ATen's GEMM (the others of
+//     m n k >= 2^22), smaller ones on the microkernel; on the microkernel where it has
+//     AVX-512 BF16 only.
 //   LSTM_EXT_GEMM=microkernel (the microkernel, weight gradients on oneDNN) or mkl (the
 //     libraries: MKL for all float32 GEMMs, the BLAS for float64's; for bfloat16 the
 //     batch-reduce GEMM for the per-step ones where it runs, ATen's for the others) picks
@@ -168,6 +168,15 @@ constexpr int64_t kLibraryMinMacs = int64_t{1} << 22;  // select_gemm's reasons 
 // 2^20 (B=16 H=128) 1.33x both against 1.29-1.36x; 2^19 and 2^18 (B=32, B=16 H=64)
 // 0.97-1.29x against 1.09-1.63x.
 constexpr int64_t kBrgemmMinMacs = int64_t{1} << 21;  // select_gemm's reasons name it: "2^21"
+// The forward's recurrent GEMM on it runs with the cell on each panel
+// (CpuBackend::recurrent_step), which pays from smaller shapes on (same machine, two
+// processes alternating, bfloat16 L=2, lstm_ext / nn.LSTM no_grad forward with it / the
+// microkernel): B=16 H=128 (2^20) 1.02 / 0.62x, B=8 H=128 L=1 (2^19) 1.00 / 0.74x,
+// B=32 H=64 (2^19) 0.76 / 0.72x, B=16 H=64 (2^18) 1.07 / 0.94x; forward+backward within
+// noise of the microkernel there. At B=8 H=64 (2^17) the forward gained too (1.39 / 1.21x),
+// but forward+backward lost (1.56 / 1.70x): the microkernel's training forward runs each
+// thread's rows without a fork-join per step (for_each_row_block).
+constexpr int64_t kBrgemmRecurrentMinMacs = int64_t{1} << 18;  // "2^18"
 
 inline const char* role_name(GemmRole role) {
   switch (role) {
@@ -490,9 +499,12 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
     }
 #endif
     if (candidates.second == GemmImpl::kBrgemm) {
-      const bool brgemm_large = use.rows * w.n() * w.k() >= kBrgemmMinMacs;
+      const bool recurrent = use.role == GemmRole::kRecurrent;
+      const bool brgemm_large = use.rows * w.n() * w.k() >= (recurrent ? kBrgemmRecurrentMinMacs : kBrgemmMinMacs);
       if (brgemm_large) candidates.by_cpu = GemmImpl::kBrgemm;
-      candidates.why_by_cpu = brgemm_large ? "AMX, per-step m n k >= 2^21" : "AMX, per-step m n k < 2^21";
+      candidates.why_by_cpu = recurrent ? (brgemm_large ? "AMX, recurrent m n k >= 2^18" : "AMX, recurrent m n k < 2^18")
+                              : brgemm_large ? "AMX, per-step m n k >= 2^21"
+                                             : "AMX, per-step m n k < 2^21";
     } else {
       if (cpu_has_amx_bf16() && large) candidates.by_cpu = GemmImpl::kAten;
       candidates.why_by_cpu = !cpu_has_amx_bf16() ? "no AMX" : large ? "AMX, m n k >= 2^22" : "AMX, m n k < 2^22";
