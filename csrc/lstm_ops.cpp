@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <vector>
 
 extern "C" {
 // `import lstm_ext._C` runs the static registrations below; the module itself is empty.
@@ -105,6 +106,19 @@ inline bool is_gru(const T&) {
   return false;
 }
 
+// An argument in the autocast dtype: tensors (and optional ones) cast, lists of them
+// element by element, anything else as it is.
+template <class T>
+decltype(auto) autocast_arg(at::ScalarType dtype, const T& arg, c10::DeviceType device) {
+  return at::autocast::cached_cast(dtype, arg, device);
+}
+inline std::vector<Tensor> autocast_arg(at::ScalarType dtype, at::TensorList args, c10::DeviceType device) {
+  std::vector<Tensor> cast;
+  cast.reserve(args.size());
+  for (const Tensor& t : args) cast.push_back(at::autocast::cached_cast(dtype, t, device));
+  return cast;
+}
+
 template <c10::DeviceType device, const char* op_name, class Signature>
 struct Autocast;
 template <c10::DeviceType device, const char* op_name, class Result, class... Args>
@@ -114,7 +128,7 @@ struct Autocast<device, op_name, Result(Args...)> {
     static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(op_name, "").typed<Result(Args...)>();
     if (device == c10::DeviceType::CPU && (is_gru(args) || ...)) return op.call(args...);
     const auto dtype = at::autocast::get_autocast_dtype(device);
-    return op.call(at::autocast::cached_cast(dtype, args, device)...);
+    return op.call(autocast_arg(dtype, args, device)...);
   }
 };
 
@@ -180,6 +194,7 @@ void register_autocast(torch::Library& m) {
   m.impl("lstm_inference", &Autocast<device, kInference, InferenceSignature>::call);
   m.impl("rnn_forward", &Autocast<device, kRnnForward, RnnForwardSignature>::call);
   m.impl("rnn_inference", &Autocast<device, kRnnInference, RnnInferenceSignature>::call);
+  m.impl("stack_inference", &Autocast<device, kStackInference, StackInferenceSignature>::call);
 }
 }  // namespace
 

@@ -329,17 +329,17 @@ class RNNBase(nn.Module):
         self, x: Tensor, hx: tuple[Tensor, ...], batch_sizes: Optional[Tensor]
     ) -> Optional[tuple[Tensor, tuple[Tensor, ...]]]:
         """All layers in one ``stack_inference`` op, where it serves: a CPU stack of
-        single-direction layers, without dropout in effect, needing no gradient and no
-        autocast. There two or more layers overlap in time on the threads (a
-        wavefront), and even one layer costs less Python than a call per layer (generation
-        makes a call per character); elsewhere None, and the layers run one call each."""
+        single-direction layers, without dropout in effect, needing no gradient (under
+        autocast too: the op casts as the layer ops do). There two or more layers overlap
+        in time on the threads (a wavefront), and even one layer costs less Python than a
+        call per layer (generation makes a call per character); elsewhere None, and the
+        layers run one call each."""
         if (
             self.bidirectional
             or (self.dropout > 0 and self.training)
             or not x.is_cpu
             or x.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
             or self.hidden_size == 0
-            or torch.is_autocast_enabled("cpu")
         ):
             return None
         weights = [w for layer in range(self.num_layers) for w in self._layer_weights(layer, False) if w is not None]

@@ -210,21 +210,36 @@ def test_modules_take_it_for_inference(kind, num_layers, dtype, stack_calls):
         torch.testing.assert_close(g, e, **TOL[dtype])
 
 
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_modules_take_it_under_autocast(kind, num_layers, stack_calls):
+    # The op casts as the layer ops do (the GRU not at all on CPU, like nn.GRU): the same
+    # dtypes as torch's modules, and their values within bfloat16's precision.
+    module, ref = ext_module(kind, num_layers=num_layers)
+    x = torch.randn(5, 3, 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = module(x), ref(x)
+    assert len(stack_calls) == 1
+    for g, e in zip(flat(got), flat(expected)):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g.float(), e.float(), **TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize(
     "kwargs, setup",
     [
         (dict(num_layers=2, bidirectional=True), "no_grad"),
         (dict(num_layers=2, dropout=0.5), "no_grad, training"),
         (dict(num_layers=2), "grad"),
-        (dict(num_layers=2), "autocast"),
+        (dict(num_layers=2), "grad, autocast"),
     ],
 )
 def test_modules_skip_it_where_it_does_not_serve(kwargs, setup, stack_calls):
     module, _ = ext_module("LSTM", **kwargs)
     module.train("training" in setup)
     x = torch.randn(5, 3, 4)
-    grad = contextlib.nullcontext() if setup == "grad" else torch.no_grad()
-    cast = torch.autocast("cpu", dtype=torch.bfloat16) if setup == "autocast" else contextlib.nullcontext()
+    grad = contextlib.nullcontext() if setup.startswith("grad") else torch.no_grad()
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if "autocast" in setup else contextlib.nullcontext()
     with grad, cast:
         module(x)
     assert stack_calls == []
