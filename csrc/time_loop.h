@@ -1,8 +1,9 @@
 // A recurrent layer's time loop, written once for every cell and device.
 //
 // A layer is: one GEMM projecting the inputs of all T steps, then per step one
-// recurrent GEMM and one fused pointwise kernel running the Cell (cells.h); with a
-// projection (the LSTM's proj_size) one more GEMM per step. The backward mirrors it and
+// recurrent GEMM and one fused pointwise kernel running the Cell (cells.h), or both as
+// one where the backend can (recurrent_step); with a projection (the LSTM's proj_size)
+// one more GEMM per step. The backward mirrors it and
 // ends with large GEMMs over all steps for dx and the weight gradients. A Backend
 // (backend_api.h) supplies the GEMMs and the pointwise launch; the loop works on raw
 // pointers and allocates nothing.
@@ -90,7 +91,8 @@ void forward_time_loop(const LayerDims& d, const Schedule& sc, const ForwardData
   const float beta_recurrent = Cell::kSeparateRecurrent ? 0 : 1;
   // Rows [r0, r1) of step k (those it has), whose saved values start at sequence row
   // row_lo of saved_block: the recurrent GEMM (rows from the previous step's h, then
-  // rows from h0), the Cell, and with a projection its GEMM. Every row depends only on
+  // rows from h0) and the Cell, by the backend as one or else in turn, and with a
+  // projection its GEMM. Every row depends only on
   // the same row of the step before.
   auto run_step = [&](int64_t k, scalar_t* saved_block, int64_t row_lo, int64_t r0, int64_t r1) {
     const Step s = rows_of(sc.steps[k], r0, r1);
