@@ -194,7 +194,9 @@ void register_autocast(torch::Library& m) {
   m.impl("lstm_inference", &Autocast<device, kInference, InferenceSignature>::call);
   m.impl("rnn_forward", &Autocast<device, kRnnForward, RnnForwardSignature>::call);
   m.impl("rnn_inference", &Autocast<device, kRnnInference, RnnInferenceSignature>::call);
-  m.impl("stack_inference", &Autocast<device, kStackInference, StackInferenceSignature>::call);
+  if constexpr (device == c10::DeviceType::CPU) {  // a CPU-only op
+    m.impl("stack_inference", &Autocast<device, kStackInference, StackInferenceSignature>::call);
+  }
 }
 }  // namespace
 
