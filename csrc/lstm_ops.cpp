@@ -56,6 +56,22 @@ TORCH_LIBRARY(lstm_ext, m) {
   m.def(
       "stack_inference(Tensor x, Tensor h0, Tensor? c0, Tensor[] weights, bool has_biases, "
       "bool has_projections, Tensor? batch_sizes, str mode) -> (Tensor y, Tensor h_n, Tensor c_n)");
+  // The same stack for training, without autograd of its own (lstm_ext.ops wraps it):
+  // every layer's y, h_n, c_n, and per layer what lstm_backward / rnn_backward read
+  // (saved: the LSTM's gates or an RNN mode's saved values; cells and hidden empty where
+  // the layer has none).
+  m.def(
+      "stack_forward(Tensor x, Tensor h0, Tensor? c0, Tensor[] weights, bool has_biases, "
+      "bool has_projections, Tensor? batch_sizes, str mode) "
+      "-> (Tensor[] ys, Tensor h_n, Tensor c_n, Tensor[] saved, Tensor[] cells, Tensor[] hidden)");
+  // Its gradients: dx, dh0, dc0 (empty without a cell state) and the weights' gradients in
+  // the weights' order; output_mask selects (dx, weight grads, bias grads), the unselected
+  // come back empty. On CPU the layers' backwards overlap in time like the forwards.
+  m.def(
+      "stack_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, Tensor h0, Tensor? c0, "
+      "Tensor[] weights, bool has_biases, bool has_projections, Tensor? batch_sizes, str mode, Tensor[] ys, "
+      "Tensor[] saved, Tensor[] cells, Tensor[] hidden, bool[3] output_mask) "
+      "-> (Tensor dx, Tensor dh0, Tensor dc0, Tensor[] dweights)");
 }
 
 namespace {
@@ -70,6 +86,8 @@ constexpr char kRnnForward[] = "lstm_ext::rnn_forward";
 constexpr char kRnnInference[] = "lstm_ext::rnn_inference";
 constexpr char kRnnBackward[] = "lstm_ext::rnn_backward";
 constexpr char kStackInference[] = "lstm_ext::stack_inference";
+constexpr char kStackForward[] = "lstm_ext::stack_forward";
+constexpr char kStackBackward[] = "lstm_ext::stack_backward";
 
 using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using InferenceResult = std::tuple<Tensor, Tensor, Tensor>;
@@ -92,6 +110,14 @@ using RnnInferenceSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Te
 using StackInferenceSignature = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
                                                                    at::TensorList, bool, bool, const OptTensor&,
                                                                    c10::string_view);
+using StackForwardSignature =
+    std::tuple<std::vector<Tensor>, Tensor, Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>(
+        const Tensor&, const Tensor&, const OptTensor&, at::TensorList, bool, bool, const OptTensor&,
+        c10::string_view);
+using StackBackwardSignature = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>(
+    const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const OptTensor&,
+    at::TensorList, bool, bool, const OptTensor&, c10::string_view, at::TensorList, at::TensorList, at::TensorList,
+    at::TensorList, std::array<bool, 3>);
 using RnnBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
     const OptTensor&, bool, c10::string_view, const Tensor&, const Tensor&, std::array<bool, 3>);
@@ -132,9 +158,10 @@ struct Autocast<device, op_name, Result(Args...)> {
   }
 };
 
-// Derivative guards. The ops' only derivative is lstm_forward's reverse-mode one
-// (registered from Python); anything else must fail loudly instead of returning outputs
-// with no derivative attached. lstm_ext.functional's layers route forward-mode AD and
+// Derivative guards. The ops' only derivatives are lstm_forward's and rnn_forward's
+// reverse-mode ones (registered from Python; stack_forward's comes from lstm_ext.ops'
+// StackFunction, which calls it under no_grad); anything else must fail loudly instead of
+// returning outputs with no derivative attached. lstm_ext.functional's layers route forward-mode AD and
 // torch.func transforms to the plain-PyTorch layer, so only direct op calls get here.
 inline bool needs_derivative(const Tensor& t, bool reverse_mode) {
   return (reverse_mode && c10::GradMode::is_enabled() && t.requires_grad()) || t._fw_grad(/*level=*/0).defined();
@@ -179,6 +206,8 @@ TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
   m.impl("rnn_inference", &RefuseDerivatives<kRnnInference, true, RnnInferenceSignature>::call);
   m.impl("rnn_backward", &RefuseDerivatives<kRnnBackward, true, RnnBackwardSignature>::call);
   m.impl("stack_inference", &RefuseDerivatives<kStackInference, true, StackInferenceSignature>::call);
+  m.impl("stack_forward", &RefuseDerivatives<kStackForward, true, StackForwardSignature>::call);
+  m.impl("stack_backward", &RefuseDerivatives<kStackBackward, true, StackBackwardSignature>::call);
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, ADInplaceOrView, m) {

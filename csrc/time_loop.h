@@ -3,10 +3,11 @@
 // A layer is: one GEMM projecting the inputs of all T steps, then per step one
 // recurrent GEMM and one fused pointwise kernel running the Cell (cells.h), or both as
 // one where the backend can (recurrent_step); with a projection (the LSTM's proj_size)
-// one more GEMM per step. The backward mirrors it and
-// ends with large GEMMs over all steps for dx and the weight gradients. A Backend
-// (backend_api.h) supplies the GEMMs and the pointwise launch; the loop works on raw
-// pointers and allocates nothing.
+// one more GEMM per step. The backward mirrors it and ends with large GEMMs over all
+// steps for dx and (in layer_ops.h) the weight gradients. Layers of a stack running at
+// once (a wavefront) take the projection, and dx, a block of steps at a time instead. A
+// Backend (backend_api.h) supplies the GEMMs and the pointwise launch; the loop works on
+// raw pointers and allocates nothing.
 #pragma once
 
 #include <algorithm>
@@ -164,52 +165,91 @@ struct BackwardData {
   scalar_t *dhy, *dc, *d_input, *d_recurrent, *dh0, *dr, *dx;
 };
 
+// `input`: the progress of the layer above when it runs at the same time (a stack's
+// wavefront), whose dx adds into this layer's dhy; `output`: this layer's, published as
+// its dx reaches the layer below, block by block of block_steps steps. dx_beta: 1 where
+// dx is the dhy of the layer below (holding its h_n's gradient), 0 where dx is new.
 template <class Backend, class Cell, typename scalar_t>
-void backward_time_loop(const LayerDims& d, const Schedule& sc, const BackwardData<scalar_t>& p) {
+void backward_time_loop(const LayerDims& d, const Schedule& sc, const BackwardData<scalar_t>& p,
+                        const LayerProgress* input = nullptr, LayerProgress* output = nullptr,
+                        int64_t block_steps = 0, float dx_beta = 0) {
   const int64_t G = Cell::kGates * d.H, W = Cell::kSaved * d.H;
   const auto w_hh_n =
       Backend::prepare(WeightOperand<scalar_t>{p.w_hh, G, d.P, false}, {GemmRole::kRecurrentGrad, d.T, d.N});
   const auto w_hr_n = Backend::prepare(WeightOperand<scalar_t>{p.w_hr, d.projected ? d.P : 0, d.H, false},
                                        {GemmRole::kProjectionGrad, d.T, d.N});
-  // Every row of a step depends only on the same row of the next step: the backend may
-  // run blocks of rows [r0, r1) through the whole loop apart (on CPU, one per thread).
-  Backend::for_each_row_block(w_hh_n, d.N, [&](int64_t r0, int64_t r1) {
-    for (auto it = sc.steps.rbegin(); it != sc.steps.rend(); ++it) {
-      const Step s = rows_of(*it, r0, r1);
-      if (s.rows == 0) continue;
-      scalar_t* dh0 = p.dh0 + r0 * d.P;
-      const scalar_t* dh = p.dhy + s.row0 * d.P;
-      if (d.projected) {
-        Backend::gemm(s.rows, dh, d.P, w_hr_n, 0, p.dr + r0 * d.H, d.H);
-        dh = p.dr + r0 * d.H;
+  // Rows [r0, r1) of step s, those it has.
+  auto run_step = [&](const Step& step_rows, int64_t r0, int64_t r1) {
+    const Step s = rows_of(step_rows, r0, r1);
+    if (s.rows == 0) return;
+    scalar_t* dh0 = p.dh0 + r0 * d.P;
+    const scalar_t* dh = p.dhy + s.row0 * d.P;
+    if (d.projected) {
+      Backend::gemm(s.rows, dh, d.P, w_hr_n, 0, p.dr + r0 * d.H, d.H);
+      dh = p.dr + r0 * d.H;
+    }
+    scalar_t* d_input = p.d_input + s.row0 * G;
+    scalar_t* d_recurrent = Cell::kSeparateRecurrent ? p.d_recurrent + s.row0 * G : d_input;
+    scalar_t* dh_carry = s.n_carry > 0 ? p.dhy + s.prev_row0 * d.P : nullptr;
+    BackwardStep<scalar_t> step{p.saved + s.row0 * W, nullptr, nullptr, nullptr,
+                                s.n_carry > 0 ? p.y + s.prev_row0 * d.P : nullptr, p.h0 + r0 * d.P, dh,
+                                p.dc + r0 * d.H, d_input, Cell::kSeparateRecurrent ? d_recurrent : nullptr,
+                                dh_carry, dh0, s.rows, s.n_carry, d.H};
+    if constexpr (Cell::kCarriesCell) {
+      step.c = p.cells + s.row0 * d.H;
+      step.c_carry = s.n_carry > 0 ? p.cells + s.prev_row0 * d.H : nullptr;
+      step.c0 = p.c0 + r0 * d.H;
+    }
+    Backend::template pointwise<Cell>(step);
+    // The gradient of h_prev adds onto what is there: the output gradient (and, for
+    // some cells, what the pointwise kernel added); dh0 starts at zero.
+    if (s.n_carry > 0) {
+      Backend::gemm(s.n_carry, d_recurrent, G, w_hh_n, 1, dh_carry, d.P);
+    }
+    if (s.rows > s.n_carry) {
+      Backend::gemm(s.rows - s.n_carry, d_recurrent + s.n_carry * G, G, w_hh_n, 1, dh0 + s.n_carry * d.P, d.P);
+    }
+  };
+  // dx of sequence rows [row_lo, row_hi): d_input times W_ih.
+  const int64_t dx_rows = block_steps > 0 ? std::min(block_steps * d.N, d.R) : d.R;
+  const auto w_ih_n = Backend::prepare(WeightOperand<scalar_t>{p.w_ih, p.dx != nullptr ? G : 0, d.I, false},
+                                       {GemmRole::kInputGrad, d.T, dx_rows});
+  auto input_grad = [&](int64_t row_lo, int64_t row_hi) {
+    if (p.dx != nullptr && row_hi > row_lo) {
+      Backend::gemm(row_hi - row_lo, p.d_input + row_lo * G, G, w_ih_n, dx_beta, p.dx + row_lo * d.I, d.I);
+    }
+  };
+  const int64_t T = static_cast<int64_t>(sc.steps.size());
+  if (input == nullptr && output == nullptr) {
+    // Every row of a step depends only on the same row of the next step: the backend may
+    // run blocks of rows [r0, r1) through the whole loop apart (on CPU, one per thread).
+    Backend::for_each_row_block(w_hh_n, d.N, [&](int64_t r0, int64_t r1) {
+      for (int64_t k = T - 1; k >= 0; --k) run_step(sc.steps[k], r0, r1);
+    });
+    input_grad(0, d.R);
+    return;
+  }
+  // Blocks of steps, last first; each block's dx goes down as soon as it is done.
+  const int64_t block = block_steps > 0 ? block_steps : T;
+  for (int64_t j0 = 0; j0 < T; j0 += block) {
+    const int64_t n = std::min(block, T - j0);
+    int64_t row_lo = d.R, row_hi = 0;
+    for (int64_t j = j0; j < j0 + n; ++j) {
+      // Step j (counted from the last) reads its dhy rows and adds into the next one's:
+      // the layer above must have written both.
+      if (input != nullptr && !input->wait_for(std::min(T, j + 2))) {
+        if (output != nullptr) output->fail();  // the error is the layer above's, raised by the op
+        return;
       }
-      scalar_t* d_input = p.d_input + s.row0 * G;
-      scalar_t* d_recurrent = Cell::kSeparateRecurrent ? p.d_recurrent + s.row0 * G : d_input;
-      scalar_t* dh_carry = s.n_carry > 0 ? p.dhy + s.prev_row0 * d.P : nullptr;
-      BackwardStep<scalar_t> step{p.saved + s.row0 * W, nullptr, nullptr, nullptr,
-                                  s.n_carry > 0 ? p.y + s.prev_row0 * d.P : nullptr, p.h0 + r0 * d.P, dh,
-                                  p.dc + r0 * d.H, d_input, Cell::kSeparateRecurrent ? d_recurrent : nullptr,
-                                  dh_carry, dh0, s.rows, s.n_carry, d.H};
-      if constexpr (Cell::kCarriesCell) {
-        step.c = p.cells + s.row0 * d.H;
-        step.c_carry = s.n_carry > 0 ? p.cells + s.prev_row0 * d.H : nullptr;
-        step.c0 = p.c0 + r0 * d.H;
-      }
-      Backend::template pointwise<Cell>(step);
-      // The gradient of h_prev adds onto what is there: the output gradient (and, for
-      // some cells, what the pointwise kernel added); dh0 starts at zero.
-      if (s.n_carry > 0) {
-        Backend::gemm(s.n_carry, d_recurrent, G, w_hh_n, 1, dh_carry, d.P);
-      }
-      if (s.rows > s.n_carry) {
-        Backend::gemm(s.rows - s.n_carry, d_recurrent + s.n_carry * G, G, w_hh_n, 1, dh0 + s.n_carry * d.P, d.P);
+      const Step& s = sc.steps[T - 1 - j];
+      run_step(s, 0, d.N);
+      if (s.rows > 0) {
+        row_lo = std::min(row_lo, s.row0);
+        row_hi = std::max(row_hi, s.row0 + s.rows);
       }
     }
-  });
-  if (p.dx != nullptr) {
-    const auto w_ih_n =
-        Backend::prepare(WeightOperand<scalar_t>{p.w_ih, G, d.I, false}, {GemmRole::kInputGrad, d.T, d.R});
-    Backend::gemm(d.R, p.d_input, G, w_ih_n, 0, p.dx, d.I);
+    input_grad(row_lo, row_hi);
+    if (output != nullptr) output->publish(j0 + n);
   }
 }
 

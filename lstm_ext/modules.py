@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import functional
+from . import functional, ops
 
 _HiddenState = tuple[Tensor, Tensor]
 _Device = Optional[Union[torch.device, str]]
@@ -302,7 +302,7 @@ class RNNBase(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Stack all layers over time-first ``x`` (T, N, I), or packed data (R, I) with
         ``batch_sizes``; each state in hx is (L*D, N, *)."""
-        stacked = self._stack_inference(x, hx, batch_sizes)
+        stacked = self._stack(x, hx, batch_sizes)
         if stacked is not None:
             return stacked
         directions = (False, True) if self.bidirectional else (False,)
@@ -325,15 +325,18 @@ class RNNBase(nn.Module):
             x = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
         return x, tuple(torch.stack(parts) for parts in zip(*finals))
 
-    def _stack_inference(
+    def _stack(
         self, x: Tensor, hx: tuple[Tensor, ...], batch_sizes: Optional[Tensor]
     ) -> Optional[tuple[Tensor, tuple[Tensor, ...]]]:
-        """All layers in one ``stack_inference`` op, where it serves: a CPU stack of
-        single-direction layers, without dropout in effect, needing no gradient (under
-        autocast too: the op casts as the layer ops do). There two or more layers overlap
-        in time on the threads (a wavefront), and even one layer costs less Python than a
-        call per layer (generation makes a call per character); elsewhere None, and the
-        layers run one call each."""
+        """All layers in one op, where it serves: a CPU stack of single-direction layers
+        without dropout in effect. There two or more layers overlap in time on the threads
+        (a wavefront), and even one layer costs less Python than a call per layer
+        (generation makes a call per character). Needing no gradient, ``stack_inference``
+        (under autocast too: the op casts as the layer ops do); needing one, from two
+        layers, ``stack_forward`` through :class:`ops.StackFunction` (not under autocast,
+        whose casts it would hide from autograd, nor while torch.compile traces, which
+        takes the layer ops and their registered autograd). Elsewhere None, and the layers
+        run one call each."""
         if (
             self.bidirectional
             or (self.dropout > 0 and self.training)
@@ -344,14 +347,16 @@ class RNNBase(nn.Module):
             return None
         weights = [w for layer in range(self.num_layers) for w in self._layer_weights(layer, False) if w is not None]
         tensors = (x, *hx, *weights)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return None
         if functional._needs_reference(tensors):
             return None
         c0 = hx[1] if len(hx) > 1 else None
-        y, h_n, c_n = torch.ops.lstm_ext.stack_inference(
-            x, hx[0], c0, weights, self.bias, self.proj_size > 0, batch_sizes, self.mode
-        )
+        args = (x, hx[0], c0, self.bias, self.proj_size > 0, batch_sizes, self.mode)
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            y, h_n, c_n = torch.ops.lstm_ext.stack_inference(*args[:3], weights, *args[3:])
+        elif self.num_layers > 1 and not _autocasting(x) and not torch.compiler.is_compiling():
+            y, h_n, c_n = ops.StackFunction.apply(*args, *weights)
+        else:
+            return None
         return y, (h_n, c_n) if c0 is not None else (h_n,)
 
     def _forward(self, input: Union[Tensor, PackedSequence], hx: Any) -> tuple[Any, Any]:

@@ -6,7 +6,8 @@ When a backward is itself recorded for differentiation (``create_graph=True``),
 gradients are instead taken through the plain-PyTorch reference layer, so second
 derivatives are exact. ``lstm_inference`` and ``rnn_inference`` are the same layers
 without autograd, for calls that need no gradient; ``stack_inference`` runs a whole stack
-of single-direction layers that way.
+of single-direction layers that way. ``stack_forward`` and ``stack_backward`` run such a
+stack for training: :class:`StackFunction` is their autograd.
 """
 from __future__ import annotations
 
@@ -223,15 +224,123 @@ torch.library.register_autograd(
 )
 
 
+def _check_stack(op: str, x, h0, c0, weights, batch_sizes, mode) -> None:
+    """The checks of the stack ops that their fake kernels repeat."""
+    if mode != "LSTM" and mode not in _RNN_SAVED:
+        raise RuntimeError(f"{op}: mode must be LSTM, GRU, RNN_TANH or RNN_RELU, but got '{mode}'")
+    _check_devices(
+        x, {**dict(h0=h0, c0=c0), **{f"weights[{i}]": w for i, w in enumerate(weights)}}, batch_sizes, op
+    )
+
+
 @torch.library.register_fake("lstm_ext::stack_inference")
 def _stack_inference_fake(x, h0, c0, weights, has_biases, has_projections, batch_sizes, mode):
-    if mode != "LSTM" and mode not in _RNN_SAVED:
-        raise RuntimeError(
-            f"lstm_ext.stack_inference: mode must be LSTM, GRU, RNN_TANH or RNN_RELU, but got '{mode}'"
-        )
-    _check_devices(
-        x, {**dict(h0=h0, c0=c0), **{f"weights[{i}]": w for i, w in enumerate(weights)}}, batch_sizes,
-        "lstm_ext.stack_inference",
-    )
+    _check_stack("lstm_ext.stack_inference", x, h0, c0, weights, batch_sizes, mode)
     c_n = x.new_empty(c0.shape) if c0 is not None else x.new_empty(0)
     return x.new_empty(*x.shape[:-1], h0.shape[-1]), x.new_empty(h0.shape), c_n
+
+
+@torch.library.register_fake("lstm_ext::stack_forward")
+def _stack_forward_fake(x, h0, c0, weights, has_biases, has_projections, batch_sizes, mode):
+    _check_stack("lstm_ext.stack_forward", x, h0, c0, weights, batch_sizes, mode)
+    layers, rows = h0.shape[0], x.shape[:-1]
+    H = weights[1].shape[0] // (4 if mode == "LSTM" else 3 if mode == "GRU" else 1)
+    width = 4 * H if mode == "LSTM" else _RNN_SAVED[mode] * H
+    c_n = x.new_empty(c0.shape) if c0 is not None else x.new_empty(0)
+    return (
+        [x.new_empty(*rows, h0.shape[-1]) for _ in range(layers)],
+        x.new_empty(h0.shape),
+        c_n,
+        [x.new_empty(*rows, width) for _ in range(layers)],
+        [x.new_empty(*rows, H) if c0 is not None else x.new_empty(0) for _ in range(layers)],
+        [x.new_empty(*rows, H) if has_projections else x.new_empty(0) for _ in range(layers)],
+    )
+
+
+@torch.library.register_fake("lstm_ext::stack_backward")
+def _stack_backward_fake(
+    grad_y, grad_h_n, grad_c_n, x, h0, c0, weights, has_biases, has_projections, batch_sizes, mode,
+    ys, saved, cells, hidden, output_mask,
+):
+    _check_stack("lstm_ext.stack_backward", x, h0, c0, weights, batch_sizes, mode)
+    want_dx, want_dw, want_db = output_mask
+    per_layer = 2 + 2 * has_biases + has_projections
+    dweights = [
+        torch.empty_like(w) if (want_db if has_biases and k % per_layer in (2, 3) else want_dw) else x.new_empty(0)
+        for k, w in enumerate(weights)
+    ]
+    return (
+        torch.empty_like(x) if want_dx else x.new_empty(0),
+        torch.empty_like(h0),
+        torch.empty_like(c0) if c0 is not None else x.new_empty(0),
+        dweights,
+    )
+
+
+def _layer_weights(weights: Sequence[Tensor], layer: int, has_biases: bool, has_projections: bool):
+    """Layer ``layer``'s (w_ih, w_hh, b_ih, b_hh, w_hr) from a stack's flat weight list, None where absent."""
+    per_layer = 2 + 2 * has_biases + has_projections
+    w = list(weights[layer * per_layer:(layer + 1) * per_layer])
+    biases = (w[2], w[3]) if has_biases else (None, None)
+    return w[0], w[1], *biases, w[-1] if has_projections else None
+
+
+def stack_reference(x, h0, c0, weights, has_biases, has_projections, batch_sizes, mode):
+    """``stack_forward``'s y, h_n and c_n (None without a cell state) through the
+    plain-PyTorch layers: the stack's double backward differentiates this."""
+    finals_h, finals_c = [], []
+    for layer in range(h0.shape[0]):
+        w_ih, w_hh, b_ih, b_hh, w_hr = _layer_weights(weights, layer, has_biases, has_projections)
+        if mode == "LSTM":
+            x, h, c = lstm_layer_reference(x, h0[layer], c0[layer], w_ih, w_hh, b_ih, b_hh, w_hr,
+                                           batch_sizes=batch_sizes)
+            finals_c.append(c)
+        else:
+            x, h = rnn_layer_reference(x, h0[layer], w_ih, w_hh, b_ih, b_hh, mode=mode, batch_sizes=batch_sizes)
+        finals_h.append(h)
+    return x, torch.stack(finals_h), torch.stack(finals_c) if finals_c else None
+
+
+class StackFunction(torch.autograd.Function):
+    """A stack of single-direction layers as one ``stack_forward`` call, differentiated by
+    one ``stack_backward`` call (on CPU both overlap the layers in time, a wavefront);
+    through :func:`stack_reference` when the backward is itself differentiated.
+    Arguments: stack_forward's, the weights last and spread out."""
+
+    @staticmethod
+    def forward(ctx, x, h0, c0, has_biases, has_projections, batch_sizes, mode, *weights):
+        ys, h_n, c_n, saved, cells, hidden = torch.ops.lstm_ext.stack_forward(
+            x, h0, c0, list(weights), has_biases, has_projections, batch_sizes, mode
+        )
+        ctx.set_materialize_grads(False)
+        ctx.config = (has_biases, has_projections, mode, len(ys), len(weights))
+        ctx.save_for_backward(x, h0, c0, batch_sizes, *weights, *ys, *saved, *cells, *hidden)
+        if c0 is None:
+            ctx.mark_non_differentiable(c_n)
+        return ys[-1], h_n, c_n
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h_n, grad_c_n):
+        has_biases, has_projections, mode, layers, n_weights = ctx.config
+        x, h0, c0, batch_sizes, *rest = ctx.saved_tensors
+        weights, rest = rest[:n_weights], rest[n_weights:]
+        ys, saved, cells, hidden = (rest[i * layers:(i + 1) * layers] for i in range(4))
+        need_state, need_weights = ctx.needs_input_grad[:3], ctx.needs_input_grad[7:]
+        if torch.is_grad_enabled():
+            def stack(x, h0, c0, *weights):
+                return stack_reference(x, h0, c0, weights, has_biases, has_projections, batch_sizes, mode)
+
+            dx, dh0, dc0, *dws = _differentiable_backward(
+                stack, (x, h0, c0, *weights), (*need_state, *need_weights), (grad_y, grad_h_n, grad_c_n)
+            )
+            return (dx, dh0, dc0, None, None, None, None, *dws)
+        per_layer = n_weights // layers
+        is_bias = [has_biases and k % per_layer in (2, 3) for k in range(n_weights)]
+        want_dw = any(n and not b for n, b in zip(need_weights, is_bias))
+        want_db = any(n and b for n, b in zip(need_weights, is_bias))
+        dx, dh0, dc0, dws = torch.ops.lstm_ext.stack_backward(
+            grad_y, grad_h_n, grad_c_n, x, h0, c0, list(weights), has_biases, has_projections, batch_sizes, mode,
+            list(ys), list(saved), list(cells), list(hidden), [need_state[0], want_dw, want_db],
+        )
+        grads = (dx, dh0, dc0, None, None, None, None, *dws)
+        return tuple(g if n else None for g, n in zip(grads, ctx.needs_input_grad))

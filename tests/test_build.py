@@ -13,7 +13,7 @@ import lstm_ext  # noqa: F401  (loads the operators)
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ("lstm_forward", "lstm_inference", "lstm_backward", "rnn_forward", "rnn_inference", "rnn_backward")
-CPU_ONLY_OPS = ("stack_inference",)  # the modules call it on CPU only
+CPU_ONLY_OPS = ("stack_inference", "stack_forward", "stack_backward")  # the modules call them on CPU only
 
 
 @pytest.mark.parametrize("op", OPS + CPU_ONLY_OPS)

@@ -1,8 +1,10 @@
-"""stack_inference, the whole-stack inference op (layers overlapped in time on CPU threads),
-against nn.LSTM / nn.GRU / nn.RNN, and the modules' choice of it."""
+"""The whole-stack ops (layers overlapped in time on CPU threads): stack_inference, and
+stack_forward with its autograd (lstm_ext.ops.StackFunction), against nn.LSTM / nn.GRU /
+nn.RNN, and the modules' choice of them."""
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -10,6 +12,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 import lstm_ext
+from autograd_checks import assert_recorded_backward_is_fused_backward
+from lstm_ext.ops import StackFunction
 
 KINDS = {  # mode: (torch class, extra constructor arguments)
     "LSTM": (nn.LSTM, {}),
@@ -133,15 +137,15 @@ def test_steps_without_rows_are_passed_on():
     torch.testing.assert_close(h_n, expected_h, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("op", ["stack_inference", "stack_forward"])
 @pytest.mark.parametrize("mode", list(KINDS))
 @pytest.mark.parametrize("packed", [False, True])
-def test_opcheck(mode, packed):
+def test_opcheck(op, mode, packed):
     ref = torch_stack(mode, 3, 4, 2, torch.float64).requires_grad_(False)
     batch_sizes = torch.tensor([3, 2, 2]) if packed else None
     x = torch.randn(7, 3, dtype=torch.float64) if packed else torch.randn(3, 3, 3, dtype=torch.float64)
     torch.library.opcheck(
-        torch.ops.lstm_ext.stack_inference.default, op_args(ref, x, initial_state(ref, 3, 2, torch.float64),
-                                                            batch_sizes)
+        getattr(torch.ops.lstm_ext, op).default, op_args(ref, x, initial_state(ref, 3, 2, torch.float64), batch_sizes)
     )
 
 
@@ -172,21 +176,207 @@ def test_refuses_inputs_that_require_grad():
         call(ref, torch.randn(2, 1, 3, dtype=torch.float64), torch.zeros(2, 1, 4, dtype=torch.float64))
 
 
+# ---------------------------------------------------------------- training: stack_forward
+
+
+def stack_function(ref, batch_sizes=None):
+    """StackFunction for the weights of ``ref`` as a function of (x, h0, [c0,] *weights),
+    c0 for the LSTM only; returns y, h_n and, for the LSTM, c_n."""
+    lstm = ref.mode == "LSTM"
+
+    def f(x, h0, *rest):
+        c0, weights = (rest[0], rest[1:]) if lstm else (None, rest)
+        y, h_n, c_n = StackFunction.apply(
+            x, h0, c0, ref.bias, getattr(ref, "proj_size", 0) > 0, batch_sizes, ref.mode, *weights
+        )
+        return (y, h_n, c_n) if lstm else (y, h_n)
+
+    return f
+
+
+def leaves(ref, x, hx):
+    """x, h0, c0 (None for the RNNs) and ref's weights, as fresh leaves that require grad."""
+    h0, c0 = hx if ref.mode == "LSTM" else (hx, None)
+    weights = [w for layer in ref.all_weights for w in layer]
+    return [t.detach().clone().requires_grad_() if t is not None else None for t in (x, h0, c0, *weights)]
+
+
+def outputs_and_gradients(f, inputs, seed=2):
+    """f's outputs and the gradients of the inputs (None skipped) for random output gradients."""
+    inputs = [t for t in inputs if t is not None]
+    outputs = f(*inputs)
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(o.shape, generator=g).to(o.dtype) for o in outputs]
+    return [o.detach() for o in outputs] + list(torch.autograd.grad(outputs, inputs, grads))
+
+
+def torch_function(ref, batch_sizes=None):
+    """ref as a function of (x, h0, [c0,] *its weights), like stack_function."""
+    names = [n for layer in ref._all_weights for n in layer]
+    lstm = ref.mode == "LSTM"
+
+    def f(x, h0, *rest):
+        hx, weights = ((h0, rest[0]), rest[1:]) if lstm else (h0, rest)
+        inp = nn.utils.rnn.PackedSequence(x, batch_sizes) if batch_sizes is not None else x
+        y, hx = torch.func.functional_call(ref, dict(zip(names, weights)), (inp, hx))
+        y = y.data if batch_sizes is not None else y
+        return (y, *hx) if lstm else (y, hx)
+
+    return f
+
+
+def assert_gradients_match(ref, x, hx, dtype, batch_sizes=None):
+    """Outputs and the gradients of x, h0, c0 and every weight against ref's, for random
+    output gradients. In float16 and bfloat16 torch's results are themselves off the exact
+    ones: there ours may be off by at most twice as much as torch's (measured against
+    ref in float64) plus a little."""
+    ours = outputs_and_gradients(stack_function(ref, batch_sizes), leaves(ref, x, hx))
+    theirs = outputs_and_gradients(torch_function(ref, batch_sizes), leaves(ref, x, hx))
+    if dtype in (torch.float16, torch.bfloat16):
+        exact_ref = copy.deepcopy(ref).double()
+        exact = outputs_and_gradients(torch_function(exact_ref, batch_sizes),
+                                      [t.double() if t is not None else None for t in leaves(ref, x, hx)])
+    for k, (mine, reference) in enumerate(zip(ours, theirs)):
+        assert reference.abs().max() > 0, "a zero reference would hide a dropped gradient"
+        if dtype in (torch.float16, torch.bfloat16):
+            truth = exact[k]
+            error, torch_error = ((t.double() - truth).abs().max() for t in (mine, reference))
+            assert error <= 2 * torch_error + 1e-3 * truth.abs().max(), (k, error, torch_error)
+        else:
+            torch.testing.assert_close(mine, reference, **TOL[dtype])
+
+
+@pytest.mark.parametrize("mode", list(KINDS))
+@pytest.mark.parametrize("L", [2, 3])
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", list(TOL), ids=["f64", "f32", "f16", "bf16"])
+def test_training_matches_torch(mode, L, n_threads, dtype):
+    torch.manual_seed(0)
+    ref = torch_stack(mode, 5, 7, L, dtype)
+    x = torch.randn(40, 3, 5, dtype=dtype)  # T=40: several blocks of steps per layer
+    with threads(n_threads):
+        assert_gradients_match(ref, x, initial_state(ref, 3, L, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_training_overlapped_on_library_gemms(dtype):
+    """As test_overlapped_layers_on_library_gemms, with every step saved for the backward."""
+    torch.manual_seed(0)
+    ref = torch_stack("LSTM", 128, 128, 2, dtype)
+    with threads(2):
+        assert_gradients_match(ref, torch.randn(12, 64, 128, dtype=dtype), initial_state(ref, 64, 2, dtype), dtype)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("proj_size", [0, 3])
+def test_training_lstm_bias_and_projection(bias, proj_size):
+    ref = torch_stack("LSTM", 4, 6, 2, torch.float64, bias=bias, proj_size=proj_size)
+    assert_gradients_match(ref, torch.randn(9, 2, 4, dtype=torch.float64), initial_state(ref, 2, 2, torch.float64),
+                           torch.float64)
+
+
+@pytest.mark.parametrize("mode", list(KINDS))
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_training_packed_matches_torch(mode, n_threads):
+    ref = torch_stack(mode, 4, 6, 2, torch.float64)
+    packed = pack_sequence([torch.randn(n, 4, dtype=torch.float64) for n in (7, 5, 5, 2)])
+    with threads(n_threads):
+        assert_gradients_match(ref, packed.data, initial_state(ref, 4, 2, torch.float64), torch.float64,
+                               packed.batch_sizes)
+
+
+def test_training_steps_without_rows_are_passed_on():
+    """As test_steps_without_rows_are_passed_on, for the forward and the backward: the
+    gradients are those of the same call without the empty steps."""
+    ref = torch_stack("GRU", 3, 4, 2, torch.float64)
+    x = torch.randn(3, 3, dtype=torch.float64)
+    h0 = torch.randn(2, 2, 4, dtype=torch.float64)
+    with threads(2):
+        got = outputs_and_gradients(stack_function(ref, torch.tensor([2, 1, 0, 0])), leaves(ref, x, h0))
+    expected = outputs_and_gradients(stack_function(ref, torch.tensor([2, 1])), leaves(ref, x, h0))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_training_gradcheck_and_double_backward(mode):
+    ref = torch_stack(mode, 2, 3, 2, torch.float64, proj_size=2 if mode == "LSTM" else 0)
+    inputs = [t for t in leaves(ref, torch.randn(4, 2, 2, dtype=torch.float64), initial_state(ref, 2, 2, torch.float64))
+              if t is not None]
+    f = stack_function(ref)
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+    assert_recorded_backward_is_fused_backward(f, inputs)
+
+
+def test_training_gradients_of_some_inputs_only():
+    """Only the first layer's weights require grad: the others get none, and those
+    requested are still torch's."""
+    ref = torch_stack("LSTM", 3, 4, 2, torch.float64)
+    x, h0, c0, *weights = leaves(ref, torch.randn(5, 2, 3, dtype=torch.float64), initial_state(ref, 2, 2, torch.float64))
+    for w in (x, h0, c0, *weights[4:]):
+        w.requires_grad_(False)
+    y, h_n, c_n = stack_function(ref)(x, h0, c0, *weights)
+    (y.sum() + c_n.sum()).backward()
+    assert all(w.grad is None for w in weights[4:])
+    ref_y, (_, ref_c) = ref(x, (h0, c0))
+    (ref_y.sum() + ref_c.sum()).backward()
+    for w, p in zip(weights[:4], ref.all_weights[0]):
+        torch.testing.assert_close(w.grad, p.grad, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("mode", list(KINDS))
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("mask", [(True, True, True), (False, True, False), (True, False, True)])
+def test_stack_backward_opcheck(mode, packed, mask):
+    ref = torch_stack(mode, 3, 4, 2, torch.float64, proj_size=2 if mode == "LSTM" else 0).requires_grad_(False)
+    batch_sizes = torch.tensor([3, 2, 2]) if packed else None
+    x = torch.randn(7, 3, dtype=torch.float64) if packed else torch.randn(3, 3, 3, dtype=torch.float64)
+    args = op_args(ref, x, initial_state(ref, 3, 2, torch.float64), batch_sizes)
+    ys, h_n, c_n, saved, cells, hidden = torch.ops.lstm_ext.stack_forward(*args)
+    x, h0, c0, weights, has_biases, has_projections, batch_sizes, mode = args
+    grads = (torch.randn_like(ys[-1]), torch.randn_like(h_n), torch.randn_like(c_n) if c0 is not None else None)
+    torch.library.opcheck(
+        torch.ops.lstm_ext.stack_backward.default,
+        (*grads, x, h0, c0, weights, has_biases, has_projections, batch_sizes, mode, ys, saved, cells, hidden,
+         list(mask)),
+    )
+
+
+def test_stack_forward_checks_and_refuses_derivatives():
+    ref = torch_stack("LSTM", 5, 6, 2, torch.float64)
+    args = list(op_args(ref, torch.randn(4, 2, 5, dtype=torch.float64), initial_state(ref, 2, 2, torch.float64)))
+    with pytest.raises(RuntimeError, match="stack_forward has no derivative"):
+        torch.ops.lstm_ext.stack_forward(*args)
+    args[3] = [w.detach() for w in args[3]][:-1]
+    with pytest.raises(RuntimeError, match="lstm_ext.stack_forward: expected 4 weights per layer, but got 7"):
+        torch.ops.lstm_ext.stack_forward(*args)
+
+
 # ---------------------------------------------------------------- the modules' choice
 
 
-@pytest.fixture
-def stack_calls(monkeypatch):
-    """Counts the modules' calls of stack_inference."""
+def count_calls(monkeypatch, name):
+    """Counts the modules' calls of torch.ops.lstm_ext.<name>: the list of their arguments."""
     calls = []
-    op = torch.ops.lstm_ext.stack_inference
+    op = getattr(torch.ops.lstm_ext, name)
 
     def counted(*args):
         calls.append(args)
         return op(*args)
 
-    monkeypatch.setattr(torch.ops.lstm_ext, "stack_inference", counted)
+    monkeypatch.setattr(torch.ops.lstm_ext, name, counted)
     return calls
+
+
+@pytest.fixture
+def stack_calls(monkeypatch):
+    return count_calls(monkeypatch, "stack_inference")
+
+
+@pytest.fixture
+def training_calls(monkeypatch):
+    return count_calls(monkeypatch, "stack_forward")
 
 
 def ext_module(kind, **kwargs):
@@ -225,16 +415,42 @@ def test_modules_take_it_under_autocast(kind, num_layers, stack_calls):
         torch.testing.assert_close(g.float(), e.float(), **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_modules_take_stack_forward_for_training(kind, packed, training_calls):
+    module, ref = ext_module(kind, num_layers=2, dropout=0.3)
+    module.eval(), ref.eval()  # dropout out of effect
+    seqs = [torch.randn(n, 4) for n in (5, 4, 2)]
+    x = pack_sequence(seqs) if packed else torch.randn(5, 3, 4, requires_grad=True)
+    outputs = []
+    for m in (module, ref):
+        m.zero_grad()
+        y, hx = m(x)
+        y = y.data if packed else y
+        hs = hx if isinstance(hx, tuple) else (hx,)
+        (y.square().sum() + sum(h.sum() for h in hs)).backward()
+        outputs.append([y, *hs, *(p.grad for p in m.parameters())])
+    assert len(training_calls) == 1
+    for g, e in zip(*outputs):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize(
-    "kwargs, setup",
+    "op, kwargs, setup",
     [
-        (dict(num_layers=2, bidirectional=True), "no_grad"),
-        (dict(num_layers=2, dropout=0.5), "no_grad, training"),
-        (dict(num_layers=2), "grad"),
-        (dict(num_layers=2), "grad, autocast"),
+        ("stack_inference", dict(num_layers=2, bidirectional=True), "no_grad"),
+        ("stack_inference", dict(num_layers=2, dropout=0.5), "no_grad, training"),
+        ("stack_inference", dict(num_layers=2), "grad"),
+        ("stack_inference", dict(num_layers=2), "grad, autocast"),
+        ("stack_forward", dict(num_layers=1), "grad"),
+        ("stack_forward", dict(num_layers=2, bidirectional=True), "grad"),
+        ("stack_forward", dict(num_layers=2, dropout=0.5), "grad, training"),
+        ("stack_forward", dict(num_layers=2), "grad, autocast"),
+        ("stack_forward", dict(num_layers=2), "no_grad"),
     ],
 )
-def test_modules_skip_it_where_it_does_not_serve(kwargs, setup, stack_calls):
+def test_modules_skip_the_stack_ops_where_they_do_not_serve(op, kwargs, setup, monkeypatch):
+    calls = count_calls(monkeypatch, op)
     module, _ = ext_module("LSTM", **kwargs)
     module.train("training" in setup)
     x = torch.randn(5, 3, 4)
@@ -242,4 +458,4 @@ def test_modules_skip_it_where_it_does_not_serve(kwargs, setup, stack_calls):
     cast = torch.autocast("cpu", dtype=torch.bfloat16) if "autocast" in setup else contextlib.nullcontext()
     with grad, cast:
         module(x)
-    assert stack_calls == []
+    assert calls == []
