@@ -26,6 +26,14 @@ def _autocasting(x: Tensor) -> bool:
     return torch.is_autocast_enabled(x.device.type)
 
 
+def _autocast(t: Optional[Tensor]) -> Optional[Tensor]:
+    """``t`` in CPU autocast's dtype, as autocast casts an op's arguments (floating tensors
+    other than float64), by an ordinary op that autograd records."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(torch.get_autocast_dtype("cpu"))
+
+
 def _check_type(name: str, value: object, kind: type) -> None:
     if not isinstance(value, kind):
         raise TypeError(f"{name} should be of type {kind.__name__}, got: {type(value).__name__}")
@@ -333,10 +341,10 @@ class RNNBase(nn.Module):
         (a wavefront), and even one layer costs less Python than a call per layer
         (generation makes a call per character). Needing no gradient, ``stack_inference``
         (under autocast too: the op casts as the layer ops do); needing one, from two
-        layers, ``stack_forward`` through :class:`ops.StackFunction` (not under autocast,
-        whose casts it would hide from autograd, nor while torch.compile traces, which
-        takes the layer ops and their registered autograd). Elsewhere None, and the layers
-        run one call each."""
+        layers, ``stack_forward`` through :class:`ops.StackFunction`, its inputs cast here
+        under autocast (the GRU's not at all, as the layer ops do), where autograd sees the
+        casts; not while torch.compile traces, which takes the layer ops and their
+        registered autograd. Elsewhere None, and the layers run one call each."""
         if (
             self.bidirectional
             or (self.dropout > 0 and self.training)
@@ -353,7 +361,10 @@ class RNNBase(nn.Module):
         args = (x, hx[0], c0, self.bias, self.proj_size > 0, batch_sizes, self.mode)
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
             y, h_n, c_n = torch.ops.lstm_ext.stack_inference(*args[:3], weights, *args[3:])
-        elif self.num_layers > 1 and not _autocasting(x) and not torch.compiler.is_compiling():
+        elif self.num_layers > 1 and not torch.compiler.is_compiling():
+            if _autocasting(x) and self.mode != "GRU":
+                x, h0, c0, *weights = (_autocast(t) for t in (x, hx[0], c0, *weights))
+                args = (x, h0, c0, *args[3:])
             y, h_n, c_n = ops.StackFunction.apply(*args, *weights)
         else:
             return None
