@@ -71,7 +71,7 @@ class RNNBase(nn.Module):
     (``torch._dynamo.config.allow_rnn``), which would defeat ``torch.compile``.
 
     Subclasses say how a layer runs (:meth:`_layer`, one functional call per layer and
-    direction) and what the hidden state looks like (a tensor, or LSTM's ``(h, c)``);
+    direction, where a stack does not run as one op: :meth:`_stack`) and what the hidden state looks like (a tensor, or LSTM's ``(h, c)``);
     internally the state is always a tuple of (num_layers * num_directions, N, *) tensors.
     """
 
@@ -429,7 +429,8 @@ class LSTM(RNNBase):
     inputs (batched, unbatched, :class:`~torch.nn.utils.rnn.PackedSequence`), outputs
     and errors are those of :class:`torch.nn.LSTM`; see its documentation. Each layer
     and direction is one call of :func:`lstm_ext.functional.lstm_layer`, which runs
-    the whole sequence (forward and backward) in one fused op.
+    the whole sequence (forward and backward) in one fused op; on CPU a stack of
+    single-direction layers runs as one op for all layers instead.
 
     This class derives from :class:`torch.nn.Module`, not from :class:`torch.nn.LSTM`:
     TorchDynamo graph-breaks on every instance of ``nn.RNN``/``nn.GRU``/``nn.LSTM``
@@ -615,7 +616,8 @@ class GRU(_SingleStateRNN):
     ``state_dict``, inputs (batched, unbatched, :class:`~torch.nn.utils.rnn.PackedSequence`),
     ``hx`` (one tensor), outputs ``(output, h_n)`` and errors are those of
     :class:`torch.nn.GRU`. Each layer and direction is one call of
-    :func:`lstm_ext.functional.rnn_layer` with ``mode="GRU"``.
+    :func:`lstm_ext.functional.rnn_layer` with ``mode="GRU"`` (on CPU a single-direction
+    stack is one op, as for :class:`LSTM`).
 
     Derives from :class:`torch.nn.Module`, not ``nn.GRU``, for the reason given in
     :class:`LSTM`; see :func:`lstm_ext.to_torch` where a real ``nn.GRU`` is required.
@@ -657,7 +659,8 @@ class RNN(_SingleStateRNN):
     Constructor (``nonlinearity`` fourth positionally or by keyword, 'tanh' or 'relu'),
     parameters, ``state_dict``, inputs, ``hx`` (one tensor), outputs ``(output, h_n)``
     and errors are those of :class:`torch.nn.RNN`. Each layer and direction is one call
-    of :func:`lstm_ext.functional.rnn_layer` with ``mode`` "RNN_TANH" or "RNN_RELU".
+    of :func:`lstm_ext.functional.rnn_layer` with ``mode`` "RNN_TANH" or "RNN_RELU" (on
+    CPU a single-direction stack is one op, as for :class:`LSTM`).
 
     Derives from :class:`torch.nn.Module`, not ``nn.RNN``, for the reason given in
     :class:`LSTM`; see :func:`lstm_ext.to_torch` where a real ``nn.RNN`` is required.
