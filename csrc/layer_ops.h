@@ -11,6 +11,7 @@
 #include <string_view>
 #include <vector>
 #include <tuple>
+#include <utility>
 
 #include "cells.h"
 #include "layer_geometry.h"
@@ -345,6 +346,18 @@ struct StackRun {
   Tensor h_n, c_n;  // c_n empty without a cell state
 };
 
+// A stack's weights per layer and its number of layers, checked against h0 (L, N, *).
+inline std::pair<int64_t, int64_t> stack_layers(at::TensorList weights, bool has_biases, bool has_projections,
+                                                const Tensor& h0, const char* op) {
+  const int64_t per_layer = 2 + 2 * has_biases + has_projections;
+  const int64_t layers = static_cast<int64_t>(weights.size()) / per_layer;
+  TORCH_CHECK(layers > 0 && layers * per_layer == static_cast<int64_t>(weights.size()), op, ": expected ",
+              per_layer, " weights per layer, but got ", weights.size(), " in all");
+  TORCH_CHECK(h0.dim() == 3 && h0.size(0) == layers, op, ": expected h0 of shape (", layers,
+              ", N, *) for ", layers, " layers, but got ", h0.sizes());
+  return {per_layer, layers};
+}
+
 inline int64_t stack_steps(const Tensor& x, const OptTensor& batch_sizes) {
   return batch_sizes ? batch_sizes->numel() : x.dim() > 0 ? x.size(0) : 0;
 }
@@ -373,12 +386,8 @@ inline int64_t wavefront_block_steps(int64_t steps) { return std::max<int64_t>(1
 template <class Backend, class Cell>
 StackRun run_stack(const Tensor& x, const Tensor& h0, const OptTensor& c0, at::TensorList weights, bool has_biases,
                    bool has_projections, const OptTensor& batch_sizes, bool for_backward, const char* op) {
-  const int64_t per_layer = 2 + 2 * has_biases + has_projections;
-  const int64_t layers = static_cast<int64_t>(weights.size()) / per_layer;
-  TORCH_CHECK(layers > 0 && layers * per_layer == static_cast<int64_t>(weights.size()), op, ": expected ",
-              per_layer, " weights per layer, but got ", weights.size(), " in all");
-  TORCH_CHECK(h0.dim() == 3 && h0.size(0) == layers, op, ": expected h0 of shape (", layers,
-              ", N, *) for ", layers, " layers, but got ", h0.sizes());
+  const std::pair<int64_t, int64_t> shape = stack_layers(weights, has_biases, has_projections, h0, op);
+  const int64_t per_layer = shape.first, layers = shape.second;
   TORCH_CHECK(c0.has_value() == Cell::kCarriesCell, op, ": c0 is for the LSTM, and it needs one");
   TORCH_CHECK(!c0 || (c0->dim() == 3 && c0->size(0) == layers), op, ": expected c0 of shape (", layers,
               ", N, hidden_size), but got ", c0 ? c0->sizes() : h0.sizes());
@@ -494,12 +503,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward(
   const char* op = kStackBackwardOp;
   const std::string_view m(mode.data(), mode.size());
   check_stack_mode(m, has_projections, op);
-  const int64_t per_layer = 2 + 2 * has_biases + has_projections;
-  const int64_t layers = static_cast<int64_t>(weights.size()) / per_layer;
-  TORCH_CHECK(layers > 0 && layers * per_layer == static_cast<int64_t>(weights.size()), op, ": expected ",
-              per_layer, " weights per layer, but got ", weights.size(), " in all");
-  TORCH_CHECK(h0.dim() == 3 && h0.size(0) == layers, op, ": expected h0 of shape (", layers, ", N, *) for ",
-              layers, " layers, but got ", h0.sizes());
+  const std::pair<int64_t, int64_t> shape = stack_layers(weights, has_biases, has_projections, h0, op);
+  const int64_t per_layer = shape.first, layers = shape.second;
   for (const at::TensorList& list : {ys, saved, cells, hidden}) {
     TORCH_CHECK(static_cast<int64_t>(list.size()) == layers, op, ": expected ", layers,
                 " tensors per saved list, one per layer, but got ", list.size());

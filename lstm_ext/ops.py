@@ -264,10 +264,9 @@ def _stack_backward_fake(
 ):
     _check_stack("lstm_ext.stack_backward", x, h0, c0, weights, batch_sizes, mode)
     want_dx, want_dw, want_db = output_mask
-    per_layer = 2 + 2 * has_biases + has_projections
     dweights = [
-        torch.empty_like(w) if (want_db if has_biases and k % per_layer in (2, 3) else want_dw) else x.new_empty(0)
-        for k, w in enumerate(weights)
+        torch.empty_like(w) if (want_db if bias else want_dw) else x.new_empty(0)
+        for w, bias in zip(weights, _are_biases(len(weights), has_biases, has_projections))
     ]
     return (
         torch.empty_like(x) if want_dx else x.new_empty(0),
@@ -275,6 +274,12 @@ def _stack_backward_fake(
         torch.empty_like(c0) if c0 is not None else x.new_empty(0),
         dweights,
     )
+
+
+def _are_biases(n_weights: int, has_biases: bool, has_projections: bool) -> list[bool]:
+    """Which entries of a stack's flat weight list are biases."""
+    per_layer = 2 + 2 * has_biases + has_projections
+    return [has_biases and k % per_layer in (2, 3) for k in range(n_weights)]
 
 
 def _layer_weights(weights: Sequence[Tensor], layer: int, has_biases: bool, has_projections: bool):
@@ -334,8 +339,7 @@ class StackFunction(torch.autograd.Function):
                 stack, (x, h0, c0, *weights), (*need_state, *need_weights), (grad_y, grad_h_n, grad_c_n)
             )
             return (dx, dh0, dc0, None, None, None, None, *dws)
-        per_layer = n_weights // layers
-        is_bias = [has_biases and k % per_layer in (2, 3) for k in range(n_weights)]
+        is_bias = _are_biases(n_weights, has_biases, has_projections)
         want_dw = any(n and not b for n, b in zip(need_weights, is_bias))
         want_db = any(n and b for n, b in zip(need_weights, is_bias))
         dx, dh0, dc0, dws = torch.ops.lstm_ext.stack_backward(
