@@ -358,6 +358,23 @@ inline std::pair<int64_t, int64_t> stack_layers(at::TensorList weights, bool has
   return {per_layer, layers};
 }
 
+// Layer l of a stack as a layer call, reading `input` (x, or the y of layer l - 1).
+inline LayerArgs stack_layer_args(const Tensor& input, const Tensor& h0, const OptTensor& c0, at::TensorList weights,
+                                  bool has_biases, bool has_projections, const OptTensor& batch_sizes, int64_t l) {
+  const int64_t per_layer = 2 + 2 * has_biases + has_projections;
+  const Tensor* w = weights.data() + l * per_layer;
+  return {input,
+          h0[l],
+          c0 ? OptTensor((*c0)[l]) : std::nullopt,
+          w[0],
+          w[1],
+          has_biases ? OptTensor(w[2]) : std::nullopt,
+          has_biases ? OptTensor(w[3]) : std::nullopt,
+          has_projections ? OptTensor(w[per_layer - 1]) : std::nullopt,
+          batch_sizes,
+          false};
+}
+
 inline int64_t stack_steps(const Tensor& x, const OptTensor& batch_sizes) {
   return batch_sizes ? batch_sizes->numel() : x.dim() > 0 ? x.size(0) : 0;
 }
@@ -404,17 +421,8 @@ StackRun run_stack(const Tensor& x, const Tensor& h0, const OptTensor& c0, at::T
   std::vector<ForwardPlan>& plans = run.plans;
   plans.reserve(layers);
   for (int64_t l = 0; l < layers; ++l) {
-    const Tensor* w = weights.data() + l * per_layer;
-    const LayerArgs args{l == 0 ? x : plans.back().y,
-                         h0[l],
-                         c0 ? OptTensor((*c0)[l]) : std::nullopt,
-                         w[0],
-                         w[1],
-                         has_biases ? OptTensor(w[2]) : std::nullopt,
-                         has_biases ? OptTensor(w[3]) : std::nullopt,
-                         has_projections ? OptTensor(w[per_layer - 1]) : std::nullopt,
-                         batch_sizes,
-                         false};
+    const LayerArgs args = stack_layer_args(l == 0 ? x : plans.back().y, h0, c0, weights, has_biases,
+                                            has_projections, batch_sizes, l);
     // A layer reading another as it runs waits for each block of its input steps. The
     // first layer projects in such blocks too, or the next one would wait for all of its
     // input projection (at B=8 T=50 H=64, half of its work) before starting.
@@ -518,17 +526,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward(
     auto state_grad = [&](const OptTensor& g, int64_t l) { return g ? OptTensor((*g)[l]) : std::nullopt; };
     // Layer l's backward, with `grad` the gradient of its y; l > 0 always computes dx.
     auto plan = [&](int64_t l, const OptTensor& grad, const BackwardPlan* step_grads = nullptr) {
-      const Tensor* w = weights.data() + l * per_layer;
-      const LayerArgs args{l == 0 ? x : ys[l - 1],
-                           h0[l],
-                           c0 ? OptTensor((*c0)[l]) : std::nullopt,
-                           w[0],
-                           w[1],
-                           std::nullopt,
-                           std::nullopt,
-                           has_projections ? OptTensor(w[per_layer - 1]) : std::nullopt,
-                           batch_sizes,
-                           false};
+      const LayerArgs args =
+          stack_layer_args(l == 0 ? x : ys[l - 1], h0, c0, weights, has_biases, has_projections, batch_sizes, l);
       return plan_backward<Cell>(grad, state_grad(grad_h_n, l), state_grad(grad_c_n, l), args, ys[l], saved[l],
                                  cells[l], hidden[l], l > 0 || output_mask[0], op, step_grads);
     };

@@ -161,8 +161,9 @@ struct Autocast<device, op_name, Result(Args...)> {
 // Derivative guards. The ops' only derivatives are lstm_forward's and rnn_forward's
 // reverse-mode ones (registered from Python; stack_forward's comes from lstm_ext.ops'
 // StackFunction, which calls it under no_grad); anything else must fail loudly instead of
-// returning outputs with no derivative attached. lstm_ext.functional's layers route forward-mode AD and
-// torch.func transforms to the plain-PyTorch layer, so only direct op calls get here.
+// returning outputs with no derivative attached. lstm_ext.functional's layers route
+// forward-mode AD and torch.func transforms to the plain-PyTorch layer, so only direct op
+// calls get here.
 inline bool needs_derivative(const Tensor& t, bool reverse_mode) {
   return (reverse_mode && c10::GradMode::is_enabled() && t.requires_grad()) || t._fw_grad(/*level=*/0).defined();
 }

@@ -174,7 +174,8 @@ struct CpuBackend {
   }
 
   // Whether the layers of a stack run at once, one per thread (layer_ops.h's run_stack,
-  // for stack_inference and stack_forward), given a step's recurrent GEMM: its flops and the bytes of its weight.
+  // for stack_inference and stack_forward), given a step's recurrent GEMM: its flops and
+  // the bytes of its weight.
   // Where a step is too small to split well between threads: at B=8 H=64 on 2 cores of an
   // AMD EPYC a 2-layer LSTM took 0.75 ms against 0.95 ms a layer at a time. Or where each
   // thread keeps its layer's weight in its core's L2 (at most half of it): on the Intel
