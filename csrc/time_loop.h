@@ -150,9 +150,20 @@ void forward_time_loop(const LayerDims& d, const Schedule& sc, const ForwardData
       return;
     }
     Backend::gemm(row_hi - row_lo, p.x + row_lo * d.I, d.I, w_ih_t, 0, saved_block, W);
-    for (int64_t k = s0; k < s0 + n; ++k) {
-      run_step(k, saved_block, row_lo, 0, d.N);
-      if (output != nullptr) output->publish(k + 1);
+    auto run_block = [&](int64_t r0, int64_t r1) {
+      for (int64_t k = s0; k < s0 + n; ++k) {
+        run_step(k, saved_block, row_lo, r0, r1);
+        if (output != nullptr) output->publish(k + 1);
+      }
+    };
+    // Alone (no wavefront), by blocks of rows where the backend splits them, as for the
+    // backward: one fork-join per block of steps, not two per step. On the Intel Xeon, one
+    // process alternating, a no_grad forward at T=100 H=128 ran 13% faster at B=32, 21%
+    // at B=16 and 3% at B=64 (B=8 H=64: 31%).
+    if (input == nullptr && output == nullptr) {
+      Backend::for_each_row_block(w_hh_t, d.N, run_block);
+    } else {
+      run_block(0, d.N);
     }
   }
 }

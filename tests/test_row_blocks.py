@@ -1,6 +1,6 @@
-"""Where a step's GEMM is small, the CPU backward runs blocks of the batch's rows through
-its time loop apart, one block per thread (CpuBackend::for_each_row_block). Against
-torch's modules, every output and gradient: batches that split unevenly, packed sequences
+"""Where a step's GEMM is small, the CPU forward and backward run blocks of the batch's rows
+through their time loop apart, one block per thread (CpuBackend::for_each_row_block);
+inference so runs each block of steps. Against torch's modules, every output and gradient: batches that split unevenly, packed sequences
 whose batch shrinks past the split (rows leave one block before the other), projections,
 both directions, every cell, float32 and float64; and bfloat16 split against unsplit.
 """
@@ -50,6 +50,34 @@ def test_row_blocks_match_torch(bidirectional, packed, cell, dtype):
         results[name] = [y, *states, leaf.grad] + [p.grad for p in module.parameters()]
     for i, (got, expected) in enumerate(zip(results["ext"], results["ref"])):
         close(got, expected, dtype, f"output or gradient {i}")
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: the rows are never split")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cell", list(MODULES))
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize(
+    "layers, bidirectional, T",
+    [(1, False, 9), (3, False, 9), (2, True, 9), (1, False, 400)],
+    ids=["one_layer", "three_layers", "bi", "long"],
+)
+def test_inference_row_blocks_match_torch(layers, bidirectional, T, packed, cell, dtype):
+    # Under no_grad the layers run one at a time here (one layer; three on two threads,
+    # which do not overlap; both directions), each projecting its inputs by blocks of steps
+    # (T=400: several) and splitting each block's steps by rows.
+    ref_cls, ext_cls, extra = MODULES[cell]
+    lengths = [max(1, T - i * (T // 9)) for i in range(13)]  # 13 rows: blocks of 6 and 7
+    ref = ref_cls(6, 16, num_layers=layers, bidirectional=bidirectional, dtype=dtype, **extra)
+    ext = ext_cls(6, 16, num_layers=layers, bidirectional=bidirectional, dtype=dtype, **extra)
+    ext.load_state_dict(ref.state_dict())
+    x = torch.randn(T, len(lengths), 6, dtype=dtype)
+    results = {}
+    with torch.no_grad():
+        for name, module in (("ref", ref), ("ext", ext)):
+            y, state = module(pack_padded_sequence(x, lengths) if packed else x)
+            results[name] = [y.data if packed else y, *(state if isinstance(state, tuple) else (state,))]
+    for i, (got, expected) in enumerate(zip(results["ext"], results["ref"])):
+        close(got, expected, dtype, f"output or state {i}")
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: the rows are never split")
