@@ -245,20 +245,28 @@ def test_vector_tanh_within_a_few_ulp_over_the_range(dtype, max_ulp):
         f"tanh({values.flatten()[err_ulp.argmax()].item()}) off by {err_ulp.max():.2f} ulp")
 
 
-def test_float32_sigmoid_within_a_few_ulp_over_the_range():
-    """The float32 CPU kernel has its own inline exp; compare sigmoid with float64. Below
-    1e-37 (x < -85) the kernel may round to any value that small (it clamps e^-x at e^87.3)."""
-    values = torch.cat([torch.linspace(-100, 100, 40001, dtype=torch.float64),
-                        torch.logspace(-30, 1, 10000, dtype=torch.float64)]).float()
-    values, c = activation_through_cell(torch.cat([values, -values]), "i")
+@pytest.mark.parametrize(
+    "dtype, max_ulp, limit, tiny",
+    [(torch.float32, 3, 100.0, 1e-37), (torch.float64, 3, 800.0, 1.3e-308)],
+    ids=["f32", "f64"],
+)
+def test_sigmoid_within_a_few_ulp_over_the_range(dtype, max_ulp, limit, tiny):
+    """The CPU kernels have their own inline exp and reciprocal; compare sigmoid with float64
+    for float32, and for float64 with torch's own (about 1 ulp, hence the 3). Below ``tiny``
+    (x < -85 in float32, x < -708 in float64) the kernel may round to any value that small
+    (it clamps e^-x)."""
+    values = torch.cat([torch.linspace(-limit, limit, 40001, dtype=torch.float64),
+                        torch.linspace(-40, 40, 40001, dtype=torch.float64),
+                        torch.logspace(-30, 1, 10000, dtype=torch.float64)]).to(dtype)
+    values, c = activation_through_cell(torch.cat([values, -values]), "i", dtype)
     exact = torch.sigmoid(values.double())
-    ulp = ulp_of(exact, torch.float32)
+    ulp = ulp_of(exact, dtype)
     err = (c.double() - exact).abs()
-    assert (err <= 3 * ulp + 1e-37).all(), (
+    assert (err <= max_ulp * ulp + tiny).all(), (
         f"sigmoid({values.flatten()[(err / ulp).argmax()].item()}) off by {(err / ulp).max():.2f} ulp")
-    H, zeros = 64, torch.zeros(1, 64)
-    assert torch.isnan(lstm_layer(torch.full((1, 1, 4 * H), float("nan")), (zeros, zeros),
-                                  torch.eye(4 * H), torch.zeros(4 * H, H))[0]).all()
+    H, zeros = 64, torch.zeros(1, 64, dtype=dtype)
+    assert torch.isnan(lstm_layer(torch.full((1, 1, 4 * H), float("nan"), dtype=dtype), (zeros, zeros),
+                                  torch.eye(4 * H, dtype=dtype), torch.zeros(4 * H, H, dtype=dtype))[0]).all()
 
 
 @pytest.mark.parametrize("which", ["b_ih", "b_hh"])
