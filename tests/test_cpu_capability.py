@@ -3,6 +3,10 @@ portable ones forced through LSTM_EXT_CPU_CAPABILITY match nn.LSTM, and the op r
 what runs. The choice is made when the extension loads, so each case runs in a child."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -68,3 +72,15 @@ def test_capability_choice(env, expected, child_env):
 
 def test_capability_by_default_follows_aten():
     assert torch.ops.lstm_ext.cpu_capability() == best_capability()
+
+
+@pytest.mark.parametrize("capability_name", ["default", "avx2", "avx512"])
+def test_activations_within_a_few_ulp_on_each_capability(capability_name, child_env):
+    # Each instruction set has its own exp, reciprocal and tanh (cpu/vec_math.h): test_ops's
+    # ulp tests of sigmoid and tanh (float32 and float64) on each, where the CPU has it.
+    env = dict(child_env, LSTM_EXT_CPU_CAPABILITY=capability_name)
+    tests = Path(__file__).with_name("test_ops.py")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), "-k", "ulp"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "4 passed" in proc.stdout, proc.stdout
