@@ -397,12 +397,16 @@ bool stack_overlaps(const Tensor& h0, at::TensorList weights, int64_t per_layer,
 }
 
 // How many steps a layer of an overlapped stack runs between telling the next one: small
-// blocks keep the wavefront's lag, and the time a thread idles at its start, short. Two
-// steps (one GEMM projects both's inputs): on the Intel Xeon, one process alternating, a
-// 2-layer training forward at T=100 took 3-5% less than with blocks of T/16 steps (B=64
-// H=256, B=32 H=128), and B=8-16 at H=64-128, no_grad forwards and tiny-step backwards the
-// same within 2%.
-inline int64_t wavefront_block_steps(int64_t steps) { return std::min<int64_t>(steps, 2); }
+// blocks keep the wavefront's lag, and the time a thread idles at its start, short, but
+// each block's input projection (or dx) is a GEMM call of its own. float32: two steps. On
+// the Intel Xeon, one process alternating, a 2-layer training forward at T=100 took 3-5%
+// less than with blocks of T/16 steps (B=64 H=256, B=32 H=128); B=8-16 at H=64-128,
+// no_grad forwards and tiny-step backwards the same within 2%. Other dtypes: T/16. Two-step
+// blocks made bfloat16 forwards at T=100 3-25% slower (its projections on AMX go through
+// ATen, at a fixed cost per call), float64's within 3% either way.
+inline int64_t wavefront_block_steps(int64_t steps, at::ScalarType dtype) {
+  return dtype == at::kFloat ? std::min<int64_t>(steps, 2) : std::max<int64_t>(1, steps / 16);
+}
 
 template <class Backend, class Cell>
 StackRun run_stack(const Tensor& x, const Tensor& h0, const OptTensor& c0, at::TensorList weights, bool has_biases,
@@ -430,7 +434,7 @@ StackRun run_stack(const Tensor& x, const Tensor& h0, const OptTensor& c0, at::T
     // A layer reading another as it runs waits for each block of its input steps. The
     // first layer projects in such blocks too, or the next one would wait for all of its
     // input projection (at B=8 T=50 H=64, half of its work) before starting.
-    const int64_t block_steps = overlap ? wavefront_block_steps(steps) : 0;
+    const int64_t block_steps = overlap ? wavefront_block_steps(steps, x.scalar_type()) : 0;
     const Tensor cells_out = c0 && !for_backward ? run.c_n[l] : Tensor();
     plans.push_back(plan_forward<Cell>(args, for_backward, op, block_steps, cells_out));
   }
@@ -562,7 +566,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> stack_backward(
           plans[l].dx_beta = 1;
         }
       }
-      const int64_t block_steps = wavefront_block_steps(steps);
+      const int64_t block_steps = wavefront_block_steps(steps, x.scalar_type());
       std::unique_ptr<LayerProgress[]> progress(new LayerProgress[layers]);
       // Top layer first: the i-th to run is layer layers - 1 - i.
       Backend::for_each_layer(layers, true, [&](int64_t i) {
