@@ -129,15 +129,6 @@ void forward_time_loop(const LayerDims& d, const Schedule& sc, const ForwardData
       Backend::gemm(s.rows, h_t, d.H, w_hr_t, 0, y_t, d.P);
     }
   };
-  if (st.per_step && input == nullptr && output == nullptr) {
-    // For the backward: every step's input projection at once, then the steps, by blocks
-    // of rows where the backend splits them (see backward_time_loop).
-    Backend::gemm(d.R, p.x, d.I, w_ih_t, 0, st.saved, W);
-    Backend::for_each_row_block(w_hh_t, d.N, [&](int64_t r0, int64_t r1) {
-      for (int64_t k = 0; k < d.T; ++k) run_step(k, st.saved, 0, r0, r1);
-    });
-    return;
-  }
   for (int64_t s0 = 0; s0 < d.T; s0 += st.block_steps) {
     // One GEMM projects the inputs of the block's steps, times [t_lo, t_lo + n), which
     // are sequence rows [row_lo, row_hi).
@@ -156,10 +147,11 @@ void forward_time_loop(const LayerDims& d, const Schedule& sc, const ForwardData
         if (output != nullptr) output->publish(k + 1);
       }
     };
-    // Alone (no wavefront), by blocks of rows where the backend splits them, as for the
-    // backward: one fork-join per block of steps, not two per step. On the Intel Xeon, one
-    // process alternating, a no_grad forward at T=100 H=128 ran 13% faster at B=32, 21%
-    // at B=16 and 3% at B=64 (B=8 H=64: 31%).
+    // Alone (no wavefront), by blocks of rows where the backend splits them, as the
+    // backward does: one fork-join per block of steps (for the backward's forward, one
+    // block of all steps), not two per step. On the Intel Xeon, one process alternating,
+    // this made a no_grad forward at T=100 H=128 13% faster at B=32, 21% at B=16 and 3%
+    // at B=64 (B=8 H=64: 31%).
     if (input == nullptr && output == nullptr) {
       Backend::for_each_row_block(w_hh_t, d.N, run_block);
     } else {

@@ -1,8 +1,9 @@
 """Where a step's GEMM is small, the CPU forward and backward run blocks of the batch's rows
 through their time loop apart, one block per thread (CpuBackend::for_each_row_block);
-inference so runs each block of steps. Against torch's modules, every output and gradient: batches that split unevenly, packed sequences
-whose batch shrinks past the split (rows leave one block before the other), projections,
-both directions, every cell, float32 and float64; and bfloat16 split against unsplit.
+inference so runs each block of steps. Against torch's modules, every output and gradient:
+batches that split unevenly, packed sequences whose batch shrinks past the split (rows
+leave one block before the other), projections, both directions, every cell, float32 and
+float64; and bfloat16 split against unsplit.
 """
 from __future__ import annotations
 

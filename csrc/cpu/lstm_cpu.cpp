@@ -247,8 +247,8 @@ struct CpuBackend {
   // where every step multiplies by the recurrent weight w on the microkernel and that
   // GEMM is too small to split well between threads (<= 8 Mflop): each block then runs
   // the whole time loop (inference: a block of steps) without a fork-join per step. Else
-  // fn(0, rows). Each thread
-  // then reads all of w at every step, where it read its share of w's panels before.
+  // fn(0, rows). Each thread then reads all of w at every step, where it read its share
+  // of w's panels before.
   template <typename scalar_t, class Fn>
   static void for_each_row_block(const CpuWeight<scalar_t>& w, int64_t rows, const Fn& fn) {
     constexpr int64_t kMinRows = 4, kMaxStepFlops = 8 << 20;
