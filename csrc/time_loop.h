@@ -222,30 +222,33 @@ void backward_time_loop(const LayerDims& d, const Schedule& sc, const BackwardDa
       Backend::gemm(row_hi - row_lo, p.d_input + row_lo * G, G, w_ih_n, dx_beta, p.dx + row_lo * d.I, d.I);
     }
   };
+  // Blocks of steps, last first: one block of all steps unless a wavefront asks for less.
+  // Each block's dx goes down as soon as it is done.
   const int64_t T = static_cast<int64_t>(sc.steps.size());
-  if (input == nullptr && output == nullptr) {
-    // Every row of a step depends only on the same row of the next step: the backend may
-    // run blocks of rows [r0, r1) through the whole loop apart (on CPU, one per thread).
-    Backend::for_each_row_block(w_hh_n, d.N, [&](int64_t r0, int64_t r1) {
-      for (int64_t k = T - 1; k >= 0; --k) run_step(sc.steps[k], r0, r1);
-    });
-    input_grad(0, d.R);
-    return;
-  }
-  // Blocks of steps, last first; each block's dx goes down as soon as it is done.
   const int64_t block = block_steps > 0 ? block_steps : T;
   for (int64_t j0 = 0; j0 < T; j0 += block) {
     const int64_t n = std::min(block, T - j0);
+    // Rows [r0, r1) of the block's steps; false if the layer above failed.
+    auto run_block = [&](int64_t r0, int64_t r1) {
+      for (int64_t j = j0; j < j0 + n; ++j) {
+        // Step j (counted from the last) reads its dhy rows and adds into the next one's:
+        // the layer above must have written both.
+        if (input != nullptr && !input->wait_for(std::min(T, j + 2))) return false;
+        run_step(sc.steps[T - 1 - j], r0, r1);
+      }
+      return true;
+    };
+    if (input == nullptr && output == nullptr) {
+      // Every row of a step depends only on the same row of the next step: the backend may
+      // run blocks of rows [r0, r1) through the steps apart (on CPU, one per thread).
+      Backend::for_each_row_block(w_hh_n, d.N, [&](int64_t r0, int64_t r1) { run_block(r0, r1); });
+    } else if (!run_block(0, d.N)) {
+      if (output != nullptr) output->fail();  // the error is the layer above's, raised by the op
+      return;
+    }
     int64_t row_lo = d.R, row_hi = 0;
     for (int64_t j = j0; j < j0 + n; ++j) {
-      // Step j (counted from the last) reads its dhy rows and adds into the next one's:
-      // the layer above must have written both.
-      if (input != nullptr && !input->wait_for(std::min(T, j + 2))) {
-        if (output != nullptr) output->fail();  // the error is the layer above's, raised by the op
-        return;
-      }
       const Step& s = sc.steps[T - 1 - j];
-      run_step(s, 0, d.N);
       if (s.rows > 0) {
         row_lo = std::min(row_lo, s.row0);
         row_hi = std::max(row_hi, s.row0 + s.rows);
