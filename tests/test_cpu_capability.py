@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lstm_ext  # noqa: F401  (loads the operators)
-from test_gemm_select import bf16_microkernel_runs, by_cpu, float32_choices, run_child
+from test_gemm_select import FLAGS, bf16_microkernel_runs, by_cpu, float32_choices, run_child
 
 
 def capability(out: str) -> str:
@@ -84,3 +84,51 @@ def test_activations_within_a_few_ulp_on_each_capability(capability_name, child_
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4 passed" in proc.stdout, proc.stdout
+
+
+# Batches of 1 to 25 rows, on one thread (a step's rows in one GEMM) and on two (rows split
+# between them), run the microkernel on row tiles of every height it has (up to 6 rows with
+# AVX2, 12 with AVX-512) and on a partial last panel (4 H = 80 columns); T = 8 steps, so the
+# weights are packed. Forward+backward against nn.LSTM.
+TILES_CHILD = r"""
+import os
+import torch
+from torch import nn
+import lstm_ext
+
+torch.manual_seed(0)
+I, H, T = 5, 20, 8
+TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 5e-2}
+dtypes = [torch.float32, torch.float64] + ([torch.bfloat16] if os.environ.get("CHILD_BF16") == "1" else [])
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    for dtype in dtypes:
+        ref = nn.LSTM(I, H, dtype=dtype)
+        ext = lstm_ext.LSTM(I, H, dtype=dtype)
+        ext.load_state_dict(ref.state_dict())
+        for batch in range(1, 26):
+            x = torch.randn(T, batch, I, dtype=dtype)
+            g = torch.randn(T, batch, H, dtype=dtype)
+            results = []
+            for m in (ref, ext):
+                m.zero_grad()
+                xi = x.clone().requires_grad_()
+                y, _ = m(xi)
+                y.backward(g)
+                results.append([y, xi.grad] + [p.grad for p in m.parameters()])
+            for got, expected in zip(results[1], results[0]):
+                tol = TOL[dtype] * max(1.0, expected.abs().max().item())
+                torch.testing.assert_close(got, expected, rtol=TOL[dtype], atol=tol,
+                                           msg=lambda s: f"{threads} threads, {dtype}, batch {batch}: {s}")
+print("cpu_capability:", torch.ops.lstm_ext.cpu_capability())
+"""
+
+
+@pytest.mark.parametrize("capability_name", ["avx2", "avx512"])
+def test_every_microkernel_tile_height_matches_nn_lstm(capability_name, child_env):
+    env = {k: v for k, v in child_env.items() if not k.startswith("LSTM_EXT_GEMM")}
+    env.update(LSTM_EXT_CPU_CAPABILITY=capability_name, LSTM_EXT_GEMM="microkernel", OMP_NUM_THREADS="2",
+               CHILD_BF16="1" if capability_name == "avx512" and "avx512_bf16" in FLAGS else "0")
+    proc = subprocess.run([sys.executable, "-c", TILES_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert capability(proc.stdout) == best_capability(capability_name)
