@@ -21,12 +21,15 @@ def capability(out: str) -> str:
 
 def test_default_kernels_match_nn_lstm(child_env):
     # The test_gemm_select child (packed and padded, two bidirectional layers with a
-    # projection, forward+backward and no_grad) on the portable kernels, bfloat16 too.
-    proc = run_child({"LSTM_EXT_CPU_CAPABILITY": "default", "CHILD_DTYPES": "float32,float64,bfloat16"}, child_env)
+    # projection, forward+backward and no_grad) on the portable kernels, bfloat16 and half too.
+    proc = run_child({"LSTM_EXT_CPU_CAPABILITY": "default", "CHILD_DTYPES": "float32,float64,bfloat16,float16"},
+                     child_env)
     assert proc.returncode == 0, proc.stderr
     assert capability(proc.stdout) == "default"
     bf16 = float32_choices(proc.stdout, "prepared", dtype="bfloat16")
     assert all(line.endswith(": aten (no AVX-512 BF16 microkernel here)") for line in bf16), proc.stdout
+    half = float32_choices(proc.stdout, "prepared", dtype="float16")
+    assert all(line.endswith(f": {by_cpu(line)}") for line in half), proc.stdout
 
 
 ORDER = ["default", "avx2", "avx512"]
@@ -41,15 +44,18 @@ def best_capability(at_most: str = "avx512") -> str:
 @pytest.mark.parametrize("capability_name", ["avx2", "avx512"])
 def test_vector_kernels_match_nn_lstm(capability_name, child_env):
     # As above, on each vector instruction set (where the CPU has it: else the best it has).
-    proc = run_child({"LSTM_EXT_CPU_CAPABILITY": capability_name, "CHILD_DTYPES": "float32,float64,bfloat16"},
+    proc = run_child({"LSTM_EXT_CPU_CAPABILITY": capability_name, "CHILD_DTYPES": "float32,float64,bfloat16,float16"},
                      child_env)
     assert proc.returncode == 0, proc.stderr
     assert capability(proc.stdout) == best_capability(capability_name)
-    # bfloat16 runs its microkernel on the AVX-512 kernels only, and there only with AVX-512 BF16.
+    # bfloat16 runs its microkernel on the AVX-512 kernels only, and there only with AVX-512 BF16;
+    # half on every instruction set.
     bf16 = float32_choices(proc.stdout, "prepared", dtype="bfloat16")
     for line in bf16:
         expected = by_cpu(line) if bf16_microkernel_runs(proc.stdout) else "aten (no AVX-512 BF16 microkernel here)"
         assert line.endswith(f": {expected}"), proc.stdout
+    half = float32_choices(proc.stdout, "prepared", dtype="float16")
+    assert all(line.endswith(f": {by_cpu(line)}") for line in half), proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -89,7 +95,8 @@ def test_activations_within_a_few_ulp_on_each_capability(capability_name, child_
 # Batches of 1 to 25 rows, on one thread (a step's rows in one GEMM) and on two (rows split
 # between them), run the microkernel on row tiles of every height it has (up to 6 rows with
 # AVX2, 12 with AVX-512) and on a partial last panel (4 H = 80 columns); T = 8 steps, so the
-# weights are packed. Forward+backward against nn.LSTM.
+# weights are packed. Forward+backward against nn.LSTM; half converts A to float32 64
+# columns at a time (the backward's step GEMM has k = 4 H = 80: a full chunk and a part).
 TILES_CHILD = r"""
 import os
 import torch
@@ -98,8 +105,8 @@ import lstm_ext
 
 torch.manual_seed(0)
 I, H, T = 5, 20, 8
-TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 5e-2}
-dtypes = [torch.float32, torch.float64] + ([torch.bfloat16] if os.environ.get("CHILD_BF16") == "1" else [])
+TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+dtypes = [torch.float32, torch.float64, torch.float16] + ([torch.bfloat16] if os.environ.get("CHILD_BF16") == "1" else [])
 for threads in (1, 2):
     torch.set_num_threads(threads)
     for dtype in dtypes:

@@ -21,8 +21,15 @@
 //    at B=64 T=100 H=256 L=2 took 91 ms on ATen's GEMM, 245 ms on the microkernel.
 //    With AMX the per-step GEMMs (even k) run on oneDNN's batch-reduce GEMM instead of
 //    ATen's, on weights packed once per call (BrgemmPackedWeight, below).
-//    Half: ATen's GEMM (no machine here had AMX-FP16, on which the batch-reduce GEMM
-//    could serve half too).
+//  * The half ones: packed_gemm's microkernel (half on the float32 kernel), or ATen's
+//    GEMM, which runs oneDNN's float16 kernels where the CPU has AVX512-FP16 (ATen's
+//    mkldnn_fp16_device_check; elsewhere loops of its own). On the Intel Xeon (AVX512-FP16,
+//    no AMX-FP16) ATen ran a 1024^3 half product at 224 GFLOP/s (float32 237), but a
+//    per-step GEMM cost 24 us or more whatever its size: with every GEMM on ATen an LSTM's
+//    no_grad forward at B=32 T=100 H=128 L=1 took 8.3 ms, nn.LSTM's 6.4. With the per-step
+//    GEMMs on the microkernel, lstm_ext / nn.LSTM there (one process each): forward+backward
+//    3.7x with the input projection and dx on ATen, 2.9x on the microkernel (B=32 H=128
+//    L=1); 1.36x against 1.20x (B=32 H=512 L=2); forward within 10% either way.
 //  * The weight gradients (dg^T a over all steps, a long k): oneDNN's matmul as ATen runs
 //    it, on the strided operands as they are, or torch's BLAS (at::mm: MKL on x86 wheels).
 //    On an AMD EPYC Zen 4 oneDNN ran them up to 20% faster from k ~2500 (k=3200-6400:
@@ -36,10 +43,12 @@
 //     where the CPU has AMX on oneDNN's batch-reduce GEMM (the forward's recurrent GEMM
 //     from m n k = 2^18, the other per-step GEMMs from 2^21) or ATen's GEMM (the others of
 //     m n k >= 2^22), smaller ones on the microkernel; on the microkernel where it has
-//     AVX-512 BF16 only.
+//     AVX-512 BF16 only; half on the microkernel, but for the input projections and dx
+//     of m n k >= 2^22 on ATen's GEMM where the CPU has AVX512-FP16.
 //   LSTM_EXT_GEMM=microkernel (the microkernel, weight gradients on oneDNN) or mkl (the
 //     libraries: MKL for all float32 GEMMs, the BLAS for float64's; for bfloat16 the
-//     batch-reduce GEMM for the per-step ones where it runs, ATen's for the others) picks
+//     batch-reduce GEMM for the per-step ones where it runs, ATen's for the others; for
+//     half ATen's) picks
 //     one family for every GEMM;
 //   LSTM_EXT_GEMM=auto times both candidates once for the first GEMM of a (role, m, n, k,
 //     dtype, threads) and keeps the faster for the process, like cuDNN's algorithm
@@ -95,8 +104,8 @@ namespace lstm_ext {
 
 // The microkernel and MKL's packed GEMM serve prepared float32 weights, the microkernel and
 // the BLAS float64 ones, the microkernel, ATen's GEMM and oneDNN's batch-reduce GEMM
-// bfloat16 ones, ATen's GEMM half ones; oneDNN's matmul and the BLAS, float32 weight
-// gradients.
+// bfloat16 ones, the microkernel and ATen's GEMM half ones; oneDNN's matmul and the BLAS,
+// float32 weight gradients.
 enum class GemmImpl { kMicrokernel, kMkl, kOneDnn, kBlas, kAten, kBrgemm };
 
 namespace gemm_select_detail {
@@ -135,22 +144,34 @@ inline bool cpu_is_intel() {
 #endif
 }
 
-// AMX-BF16 in CPUID (leaf 7, EDX bit 22) and the tile state enabled by the OS in XCR0
-// (bits 17 and 18), as oneDNN needs to run its bfloat16 GEMMs on AMX.
-inline bool cpu_has_amx_bf16() {
+// Whether CPUID leaf 7 (EDX) has `edx_bit` and the OS saves the register state of XCR0's
+// `xcr0_bits`: what oneDNN needs before it runs a kernel with those instructions.
+inline bool cpu_has_leaf7_edx(unsigned edx_bit, unsigned xcr0_bits) {
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool amx = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22))) return false;
-    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE: xgetbv runs
-    unsigned xcr0_low = 0, xcr0_high = 0;
-    __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
-    return (xcr0_low & (3u << 17)) == (3u << 17);
-  }();
-  return amx;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << edx_bit))) return false;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE: xgetbv runs
+  unsigned xcr0_low = 0, xcr0_high = 0;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+  return (xcr0_low & xcr0_bits) == xcr0_bits;
 #else
   return false;
 #endif
+}
+
+// AMX-BF16 (EDX bit 22) with the tile state (XCR0 bits 17 and 18), as oneDNN needs to run
+// its bfloat16 GEMMs on AMX.
+inline bool cpu_has_amx_bf16() {
+  static const bool amx = cpu_has_leaf7_edx(22, 3u << 17);
+  return amx;
+}
+
+// AVX512-FP16 (EDX bit 23) with the AVX-512 state (XCR0 bits 1, 2, 5, 6, 7), on which ATen's
+// half GEMM runs oneDNN's float16 kernels; elsewhere it runs loops of its own.
+// (__builtin_cpu_supports("avx512fp16") of GCC 12 said no on a CPU that has it.)
+inline bool cpu_has_avx512_fp16() {
+  static const bool fp16 = cpu_has_leaf7_edx(23, 0xe6u);
+  return fp16;
 }
 
 // The default's threshold for the libraries on an Intel CPU, in multiply-adds m n k: below
@@ -491,6 +512,12 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
       candidates.only = GemmImpl::kMicrokernel;
       candidates.why_only = "MKL packed GEMM unavailable";
     }
+  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    if (cpu_has_avx512_fp16() && large && !per_step(use.role)) candidates.by_cpu = GemmImpl::kAten;
+    candidates.why_by_cpu = per_step(use.role)      ? "per-step GEMM"
+                            : !cpu_has_avx512_fp16() ? "no AVX512-FP16"
+                            : large                  ? "AVX512-FP16, m n k >= 2^22"
+                                                     : "AVX512-FP16, m n k < 2^22";
   } else {
 #ifdef LSTM_EXT_BRGEMM
     // An odd k stopped the process with an illegal instruction in oneDNN (torch 2.14.1).
@@ -511,8 +538,7 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
     }
     if (!packed_gemm_runs<scalar_t>()) {
       candidates.only = GemmImpl::kAten;
-      candidates.why_only = std::is_same_v<scalar_t, at::BFloat16> ? "no AVX-512 BF16 microkernel here"
-                                                                    : "no microkernel for this dtype";
+      candidates.why_only = "no AVX-512 BF16 microkernel here";
     }
   }
   // Timed (with "auto" only) on the real weight and zero inputs, into a scratch C; the

@@ -2,11 +2,12 @@
 // input projection. BLAS re-packs the same weight at every step (its copies cost ~10% at
 // small shapes) and its kernels are tuned for large m; here the weight is packed before
 // the loop into column panels that the microkernel streams contiguously, and each step
-// only runs the microkernel. Float32 and float64 everywhere; bfloat16 where the CPU has
-// AVX-512 BF16 (vdpbf16ps: the products of pairs of bfloat16, summed in float32). There,
-// on an AMD EPYC Zen 4, the bfloat16 microkernel ran m=64 n=1024 k=256 at 417 GFLOP/s on
-// 2 threads (a zmm vdpbf16ps per cycle and core is 64 flops), where torch's bfloat16
-// addmm (oneDNN) ran the same per-step GEMMs at 163 in an LSTM's time loop.
+// only runs the microkernel. Float32, float64 and half (on the float32 kernel, below)
+// everywhere; bfloat16 where the CPU has AVX-512 BF16 (vdpbf16ps: the products of pairs
+// of bfloat16, summed in float32). There, on an AMD EPYC Zen 4, the bfloat16 microkernel
+// ran m=64 n=1024 k=256 at 417 GFLOP/s on 2 threads (a zmm vdpbf16ps per cycle and core
+// is 64 flops), where torch's bfloat16 addmm (oneDNN) ran the same per-step GEMMs at 163
+// in an LSTM's time loop.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,7 +28,8 @@ namespace lstm_ext {
 
 // Whether this compilation has a microkernel for scalar_t: bfloat16 only in the AVX-512 one.
 template <typename scalar_t>
-constexpr bool kHasPackedGemm = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>
+constexpr bool kHasPackedGemm = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double> ||
+                                std::is_same_v<scalar_t, at::Half>
 #if defined(CPU_CAPABILITY_AVX512)
                                 || std::is_same_v<scalar_t, at::BFloat16>
 #endif
@@ -51,29 +53,31 @@ bool packed_gemm_runs() {
 // never needs a column tail. A panel is k-major in groups of kDepth rows: element
 // (p, j) of op(W)'s panel lies at (p / kDepth) kPanel kDepth + j kDepth + p % kDepth,
 // so that one vector load gets kDepth consecutive p of each of its columns (bfloat16's
-// pairs; k is zero-padded to a multiple of kDepth).
+// pairs; k is zero-padded to a multiple of kDepth). Half packs into float32 panels
+// (panel_t), converted once here rather than at every step.
 template <typename scalar_t>
 class PackedWeight {
  public:
   using acc_t = at::opmath_type<scalar_t>;
+  using panel_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, float, scalar_t>;
   static constexpr int64_t kDepth = std::is_same_v<scalar_t, at::BFloat16> ? 2 : 1;
   static constexpr int64_t kPanel = 2 * at::vec::Vectorized<acc_t>::size();  // two vectors of accumulators
 
   explicit PackedWeight(const WeightOperand<scalar_t>& w)
       : k_(w.k()), n_(w.n()), num_panels_((n_ + kPanel - 1) / kPanel),
         panel_size_(kPanel * ((k_ + kDepth - 1) / kDepth * kDepth)),
-        panels_(at::empty({num_panels_ * panel_size_}, c10::CppTypeToScalarType<scalar_t>::value)) {
-    scalar_t* out = panels_.data_ptr<scalar_t>();
+        panels_(at::empty({num_panels_ * panel_size_}, c10::CppTypeToScalarType<panel_t>::value)) {
+    panel_t* out = panels_.data_ptr<panel_t>();
     // A small weight packs faster than another thread wakes up: ~64K elements each.
     const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, panel_size_));
     at::parallel_for(0, num_panels_, grain, [&](int64_t begin, int64_t end) {
       for (int64_t panel = begin; panel < end; ++panel) {
-        scalar_t* dst = out + panel * panel_size_;
+        panel_t* dst = out + panel * panel_size_;
         const int64_t j0 = panel * kPanel, cols = std::min(kPanel, n_ - j0);
-        auto element = [dst](int64_t p, int64_t jj) -> scalar_t& {
+        auto element = [dst](int64_t p, int64_t jj) -> panel_t& {
           return dst[(p / kDepth) * kPanel * kDepth + jj * kDepth + p % kDepth];
         };
-        std::fill(dst, dst + panel_size_, scalar_t(0));  // the padding: columns past n, k past k()
+        std::fill(dst, dst + panel_size_, panel_t(0));  // the padding: columns past n, k past k()
         // Each loop reads W's rows contiguously. (A loop over op(W)'s elements with a branch
         // for the padding took 8% of the samples of a B=8 T=50 H=64 L=2 inference.)
         if (w.transposed) {  // op(W)[p, j] = W[j, p]
@@ -94,7 +98,7 @@ class PackedWeight {
   int64_t k() const { return k_; }
   int64_t n() const { return n_; }
   int64_t num_panels() const { return num_panels_; }
-  const scalar_t* panel(int64_t i) const { return panels_.data_ptr<scalar_t>() + i * panel_size_; }
+  const panel_t* panel(int64_t i) const { return panels_.data_ptr<panel_t>() + i * panel_size_; }
 
  private:
   int64_t k_, n_, num_panels_, panel_size_;
@@ -137,24 +141,27 @@ void store_tile(const at::opmath_type<scalar_t>* out, bool accumulate, scalar_t*
   }
 }
 
-// C[0:MR, j0:j0+cols] = A[0:MR, :] panel + beta * C, for cols <= kPanel; float32 and float64.
+#define LSTM_EXT_INLINE __attribute__((always_inline)) inline
+
+// C rows are usually cold (the input projection wrote them long before): start fetching
+// them at the start of a tile rather than stalling on them after the k loop.
 template <typename scalar_t, int MR>
-void microkernel(int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b, bool accumulate, scalar_t* c,
-                 int64_t ldc, int64_t cols) {
-  static_assert(std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>);
-  using Vec = at::vec::Vectorized<scalar_t>;
+LSTM_EXT_INLINE void prefetch_tile(const scalar_t* c, int64_t ldc) {
   constexpr int64_t kPanel = PackedWeight<scalar_t>::kPanel;
-  // C rows are usually cold (the input projection wrote them long before): start
-  // fetching them now rather than stalling on them after the k loop.
 #pragma GCC unroll kMaxRows
   for (int r = 0; r < MR; ++r) {
     __builtin_prefetch(c + r * ldc);
     __builtin_prefetch(c + r * ldc + kPanel - 1);  // the row's last line when the tile spans two
   }
-  // Every loop over r is unrolled so that acc lives in registers, not on the stack.
-  Vec acc[MR][2];
-#pragma GCC unroll kMaxRows
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = Vec(scalar_t(0));
+}
+
+// acc[r] += A[r, 0:k] panel for MR rows of float32 or float64 A. Every loop over r is
+// unrolled so that acc lives in registers, not on the stack.
+template <typename T, int MR>
+LSTM_EXT_INLINE void accumulate_tile(int64_t k, const T* a, int64_t lda, const T* b,
+                                     at::vec::Vectorized<T> (&acc)[MR][2]) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t kPanel = 2 * Vec::size();
   for (int64_t p = 0; p < k; ++p) {
     const Vec b0 = Vec::loadu(b + p * kPanel), b1 = Vec::loadu(b + p * kPanel + Vec::size());
 #pragma GCC unroll kMaxRows
@@ -164,16 +171,69 @@ void microkernel(int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b, b
       acc[r][1] = at::vec::fmadd(ar, b1, acc[r][1]);
     }
   }
-  // The accumulators leave registers once, here: an epilogue working on them directly
-  // (loads of C, a partial-panel branch) made GCC spill five of them at every step of
-  // the k loop.
-  scalar_t out[MR * kPanel];
+}
+
+// C[0:MR, j0:j0+cols] = acc + (accumulate ? C : 0). The accumulators leave registers once,
+// here: an epilogue working on them directly (loads of C, a partial-panel branch) made GCC
+// spill five of them at every step of the k loop.
+template <typename scalar_t, int MR>
+LSTM_EXT_INLINE void finish_tile(const at::vec::Vectorized<at::opmath_type<scalar_t>> (&acc)[MR][2],
+                                 bool accumulate, scalar_t* c, int64_t ldc, int64_t cols) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kPanel = PackedWeight<scalar_t>::kPanel, kVec = kPanel / 2;
+  acc_t out[MR * kPanel];
 #pragma GCC unroll kMaxRows
   for (int r = 0; r < MR; ++r) {
     acc[r][0].store(out + r * kPanel);
-    acc[r][1].store(out + r * kPanel + Vec::size());
+    acc[r][1].store(out + r * kPanel + kVec);
   }
   store_tile<scalar_t, MR>(out, accumulate, c, ldc, cols);
+}
+
+// C[0:MR, j0:j0+cols] = A[0:MR, :] panel + beta * C, for cols <= kPanel; float32 and float64.
+template <typename scalar_t, int MR>
+void microkernel(int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b, bool accumulate, scalar_t* c,
+                 int64_t ldc, int64_t cols) {
+  static_assert(std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>);
+  using Vec = at::vec::Vectorized<scalar_t>;
+  prefetch_tile<scalar_t, MR>(c, ldc);
+  Vec acc[MR][2];
+#pragma GCC unroll kMaxRows
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = Vec(scalar_t(0));
+  accumulate_tile<scalar_t, MR>(k, a, lda, b, acc);
+  finish_tile<scalar_t, MR>(acc, accumulate, c, ldc, cols);
+}
+
+// The same for half, on the float32 kernel: the panel is float32 (PackedWeight), and A
+// goes to float32 kChunk columns at a time, into a buffer on the stack (12 x 64 floats)
+// that the k loop reads as it reads float32 A. The products of two halves are exact in
+// float32, so this sums what a half GEMM with float32 accumulation sums; C is rounded to
+// half once. (ATen's half GEMM cost 24 us or more per call, whatever its size, on the
+// Intel Xeon: at B=32 T=100 H=128 an LSTM's no_grad forward took 8.3 ms there, nn.LSTM's
+// 6.4.)
+template <int MR>
+void microkernel_half(int64_t k, const at::Half* a, int64_t lda, const float* b, bool accumulate, at::Half* c,
+                      int64_t ldc, int64_t cols) {
+  using Vec = at::vec::Vectorized<float>;
+  using Lane = VecLane<float, at::Half>;
+  constexpr int64_t kPanel = PackedWeight<at::Half>::kPanel, kChunk = 64;
+  prefetch_tile<at::Half, MR>(c, ldc);
+  Vec acc[MR][2];
+#pragma GCC unroll kMaxRows
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = Vec(0.f);
+  float a_chunk[MR * kChunk];
+  for (int64_t p0 = 0; p0 < k; p0 += kChunk) {
+    const int64_t kc = std::min(kChunk, k - p0);
+    for (int r = 0; r < MR; ++r) {
+      const at::Half* row = a + r * lda + p0;
+      float* dst = a_chunk + r * kChunk;
+      int64_t p = 0;
+      for (; p + Vec::size() <= kc; p += Vec::size()) Lane::load(row + p).store(dst + p);
+      for (; p < kc; ++p) dst[p] = float(row[p]);
+    }
+    accumulate_tile<float, MR>(kc, a_chunk, kChunk, b + p0 * kPanel, acc);
+  }
+  finish_tile<at::Half, MR>(acc, accumulate, c, ldc, cols);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -223,18 +283,21 @@ LSTM_EXT_TARGET_BF16 void microkernel_bf16(int64_t k, const at::BFloat16* a, int
 
 template <typename scalar_t, int... MR>
 constexpr auto make_kernels(std::integer_sequence<int, MR...>) {
+  if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    return std::array{&microkernel_half<MR + 1>...};
 #if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     return std::array{&microkernel_bf16<MR + 1>...};
-  } else
 #endif
-  {
+  } else {
     return std::array{&microkernel<scalar_t, MR + 1>...};
   }
 }
 // kernels<scalar_t>[r - 1] handles r rows.
 template <typename scalar_t>
 constexpr auto kernels = make_kernels<scalar_t>(std::make_integer_sequence<int, kMaxRows>{});
+
+#undef LSTM_EXT_INLINE
 
 }  // namespace packed_gemm_detail
 
