@@ -122,9 +122,10 @@ INTEL = VENDOR == "GenuineIntel"
 
 
 def bf16_microkernel_runs(out: str) -> bool:
-    """Whether the child ran the bfloat16 microkernel's compilation (AVX-512) on a CPU with
-    AVX-512 BF16 (Linux's /proc/cpuinfo flag avx512_bf16)."""
-    return "cpu_capability: avx512" in out and "avx512_bf16" in FLAGS
+    """Whether the child's kernels have a bfloat16 microkernel that runs here: the AVX2 and
+    portable ones always (on the float32 kernel), the AVX-512 one on a CPU with AVX-512 BF16
+    (Linux's /proc/cpuinfo flag avx512_bf16)."""
+    return "cpu_capability: avx512" not in out or "avx512_bf16" in FLAGS
 
 
 PER_STEP_ROLES = ("recurrent ", "projection ", "recurrent backward (dh) ", "projection backward ")
@@ -323,3 +324,17 @@ def test_half_gemms_match_nn_lstm(mode, child_env):
             assert line.endswith(f": {by_cpu(line)}"), proc.stdout
         else:
             assert line.endswith(f": {'aten' if mode == 'mkl' else 'microkernel'} (LSTM_EXT_GEMM)"), proc.stdout
+
+
+@pytest.mark.parametrize("capability", ["avx2", "avx512"])
+def test_reduced_precision_without_onednn_matches_nn_lstm(capability, child_env):
+    # As a torch without oneDNN (on a CPU without AVX-512, ATen's bfloat16 GEMM has no oneDNN
+    # kernels either): the bfloat16 and half GEMMs left to ATen (LSTM_EXT_GEMM=mkl, no
+    # batch-reduce GEMM) and their weight gradients run as float32 GEMMs of converted copies.
+    env = {"LSTM_EXT_GEMM": "mkl", "LSTM_EXT_GEMM_DISABLE_ONEDNN": "1", "LSTM_EXT_GEMM_DISABLE_BRGEMM": "1",
+           "LSTM_EXT_CPU_CAPABILITY": capability, "CHILD_DTYPES": "float16,float32,float64,bfloat16"}
+    proc = run_child(env, child_env)
+    assert proc.returncode == 0, proc.stderr
+    for dtype in ("float16", "bfloat16"):
+        lines = float32_choices(proc.stdout, "prepared", dtype=dtype)
+        assert all(line.endswith(": aten (LSTM_EXT_GEMM)") or "no AVX-512 BF16" in line for line in lines), proc.stdout

@@ -20,7 +20,10 @@
 //    time loop. On the Intel Xeon oneDNN runs them on AMX: there an LSTM's forward+backward
 //    at B=64 T=100 H=256 L=2 took 91 ms on ATen's GEMM, 245 ms on the microkernel.
 //    With AMX the per-step GEMMs (even k) run on oneDNN's batch-reduce GEMM instead of
-//    ATen's, on weights packed once per call (BrgemmPackedWeight, below).
+//    ATen's, on weights packed once per call (BrgemmPackedWeight, below). The AVX2 and
+//    portable kernels run bfloat16 on the float32 microkernel, converted (packed_gemm.h):
+//    a CPU without AVX-512 has no oneDNN kernels for ATen's bfloat16 GEMM
+//    (aten_reduced_gemm_on_onednn). Not measured on such a CPU.
 //  * The half ones: packed_gemm's microkernel (half on the float32 kernel), or ATen's
 //    GEMM, which runs oneDNN's float16 kernels where the CPU has AVX512-FP16 (ATen's
 //    mkldnn_fp16_device_check; elsewhere loops of its own). On the Intel Xeon (AVX512-FP16,
@@ -42,9 +45,11 @@
 //     microkernel), elsewhere the microkernel and oneDNN's weight gradients; bfloat16
 //     where the CPU has AMX on oneDNN's batch-reduce GEMM (the forward's recurrent GEMM
 //     from m n k = 2^18, the other per-step GEMMs from 2^21) or ATen's GEMM (the others of
-//     m n k >= 2^22), smaller ones on the microkernel; on the microkernel where it has
-//     AVX-512 BF16 only; half on the microkernel, but for the input projections and dx
-//     of m n k >= 2^22 on ATen's GEMM where the CPU has AVX512-FP16.
+//     m n k >= 2^22), smaller ones on the microkernel; on the microkernel elsewhere (AVX-512
+//     BF16, or the float32 kernel with AVX2); half on the microkernel, but for the input
+//     projections and dx of m n k >= 2^22 on ATen's GEMM where the CPU has AVX512-FP16.
+//     bfloat16 and half weight gradients run on ATen's GEMM, or where it has no oneDNN
+//     kernels for them on float32 copies, as float32's.
 //   LSTM_EXT_GEMM=microkernel (the microkernel, weight gradients on oneDNN) or mkl (the
 //     libraries: MKL for all float32 GEMMs, the BLAS for float64's; for bfloat16 the
 //     batch-reduce GEMM for the per-step ones where it runs, ATen's for the others; for
@@ -144,12 +149,15 @@ inline bool cpu_is_intel() {
 #endif
 }
 
-// Whether CPUID leaf 7 (EDX) has `edx_bit` and the OS saves the register state of XCR0's
-// `xcr0_bits`: what oneDNN needs before it runs a kernel with those instructions.
-inline bool cpu_has_leaf7_edx(unsigned edx_bit, unsigned xcr0_bits) {
+// Whether CPUID leaf 7 has all of `ebx_bits` and `edx_bits` and the OS saves the register
+// state of XCR0's `xcr0_bits`: what oneDNN needs before it runs a kernel with those
+// instructions.
+inline bool cpu_has_leaf7(unsigned ebx_bits, unsigned edx_bits, unsigned xcr0_bits) {
 #if defined(__x86_64__) || defined(__i386__)
   unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << edx_bit))) return false;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || (b & ebx_bits) != ebx_bits || (d & edx_bits) != edx_bits) {
+    return false;
+  }
   if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE: xgetbv runs
   unsigned xcr0_low = 0, xcr0_high = 0;
   __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
@@ -159,19 +167,27 @@ inline bool cpu_has_leaf7_edx(unsigned edx_bit, unsigned xcr0_bits) {
 #endif
 }
 
+// XCR0's AVX-512 state: SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM.
+constexpr unsigned kXcr0Avx512 = 0xe6u;
+
 // AMX-BF16 (EDX bit 22) with the tile state (XCR0 bits 17 and 18), as oneDNN needs to run
 // its bfloat16 GEMMs on AMX.
 inline bool cpu_has_amx_bf16() {
-  static const bool amx = cpu_has_leaf7_edx(22, 3u << 17);
+  static const bool amx = cpu_has_leaf7(0, 1u << 22, 3u << 17);
   return amx;
 }
 
-// AVX512-FP16 (EDX bit 23) with the AVX-512 state (XCR0 bits 1, 2, 5, 6, 7), on which ATen's
-// half GEMM runs oneDNN's float16 kernels; elsewhere it runs loops of its own.
-// (__builtin_cpu_supports("avx512fp16") of GCC 12 said no on a CPU that has it.)
+// AVX512-FP16 (EDX bit 23). (__builtin_cpu_supports("avx512fp16") of GCC 12 said no on a
+// CPU that has it.)
 inline bool cpu_has_avx512_fp16() {
-  static const bool fp16 = cpu_has_leaf7_edx(23, 0xe6u);
+  static const bool fp16 = cpu_has_leaf7(0, 1u << 23, kXcr0Avx512);
   return fp16;
+}
+
+// AVX-512 F, DQ, BW and VL (EBX bits 16, 17, 30, 31): oneDNN's avx512_core.
+inline bool cpu_has_avx512_core() {
+  static const bool core = cpu_has_leaf7((1u << 16) | (1u << 17) | (1u << 30) | (1u << 31), 0, kXcr0Avx512);
+  return core;
 }
 
 // The default's threshold for the libraries on an Intel CPU, in multiply-adds m n k: below
@@ -319,19 +335,40 @@ class MklPackedWeight {
   at::Tensor buffer_;
 };
 
+// Whether ATen's GEMM runs bfloat16 or half (`dtype`) on oneDNN's kernels: oneDNN linked,
+// not disabled for a test (LSTM_EXT_GEMM_DISABLE_ONEDNN acts as a torch without it), not
+// turned off by the user, and a CPU that oneDNN serves in that dtype (ideep's checks, which
+// ATen's call: bfloat16 from AVX-512 on, half with AVX512-FP16). Elsewhere ATen runs them
+// on loops of its own, which on the Intel Xeon (with oneDNN turned off) ran 64 x 256 times
+// 256 x 1024 at 2 GFLOP/s in bfloat16 and 1 in half, where oneDNN ran it at 381 in bfloat16.
+inline bool aten_reduced_gemm_on_onednn(c10::ScalarType dtype) {
+  using namespace gemm_select_detail;
+  static const bool linked = !env_is("LSTM_EXT_GEMM_DISABLE_ONEDNN", "1");
+  const bool cpu = dtype == at::kBFloat16 ? cpu_has_avx512_core() : dtype == at::kHalf && cpu_has_avx512_fp16();
+  return linked && cpu && at::globalContext().userEnabledMkldnn();
+}
+
 // Row-major C (m x n) = A (m x k) op(W) + beta * C through ATen, on raw CPU pointers, for
-// the dtypes no BLAS here serves (half and bfloat16 run on oneDNN or MKL there). Each
-// call wraps the pointers in tensor views.
+// the dtypes no BLAS here serves (half and bfloat16 run on oneDNN or MKL there; where
+// oneDNN does not serve them, ATen's float32 GEMM does, on converted copies: the products
+// of two bfloat16 or halves are exact in float32, so the sums are those of a GEMM with
+// float32 accumulation, rounded once). Each call wraps the pointers in tensor views.
 template <typename scalar_t>
 void aten_gemm(int64_t m, const scalar_t* a, int64_t lda, const WeightOperand<scalar_t>& w, float beta, scalar_t* c,
                int64_t ldc) {
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+  constexpr c10::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  const auto opts = at::TensorOptions().dtype(dtype);
   auto view = [&](const scalar_t* p, int64_t rows, int64_t cols, int64_t ld) {
     return at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, {ld, 1}, opts);
   };
   const at::Tensor weight = view(w.data, w.rows, w.cols, w.cols);
+  const at::Tensor op_w = w.transposed ? weight.t() : weight;
   at::Tensor out = view(c, m, w.n(), ldc);
-  at::addmm_out(out, out, view(a, m, w.k(), lda), w.transposed ? weight.t() : weight, beta, 1);
+  if ((dtype == at::kBFloat16 || dtype == at::kHalf) && !aten_reduced_gemm_on_onednn(dtype)) {
+    out.copy_(at::addmm(out.to(at::kFloat), view(a, m, w.k(), lda).to(at::kFloat), op_w.to(at::kFloat), beta, 1));
+    return;
+  }
+  at::addmm_out(out, out, view(a, m, w.k(), lda), op_w, beta, 1);
 }
 
 // The GEMMs run once per step, with the batch's rows: few rows, and many calls.

@@ -3,8 +3,10 @@
 // small shapes) and its kernels are tuned for large m; here the weight is packed before
 // the loop into column panels that the microkernel streams contiguously, and each step
 // only runs the microkernel. Float32, float64 and half (on the float32 kernel, below)
-// everywhere; bfloat16 where the CPU has AVX-512 BF16 (vdpbf16ps: the products of pairs
-// of bfloat16, summed in float32). There, on an AMD EPYC Zen 4, the bfloat16 microkernel
+// everywhere; bfloat16 with AVX-512 where the CPU has AVX-512 BF16 (vdpbf16ps: the
+// products of pairs of bfloat16, summed in float32), and on the float32 kernel with AVX2
+// or none (without AVX-512 ATen's bfloat16 GEMM has no oneDNN kernels, and ran at 2
+// GFLOP/s here without them). There, on an AMD EPYC Zen 4, the bfloat16 microkernel
 // ran m=64 n=1024 k=256 at 417 GFLOP/s on 2 threads (a zmm vdpbf16ps per cycle and core
 // is 64 flops), where torch's bfloat16 addmm (oneDNN) ran the same per-step GEMMs at 163
 // in an LSTM's time loop.
@@ -26,22 +28,27 @@
 
 namespace lstm_ext {
 
-// Whether this compilation has a microkernel for scalar_t: bfloat16 only in the AVX-512 one.
+// Every dtype has a microkernel. Half, and bfloat16 outside the AVX-512 compilation, run
+// on the float32 one, converted (microkernel_converted); the AVX-512 bfloat16 one needs
+// AVX-512 BF16 (vdpbf16ps).
 template <typename scalar_t>
 constexpr bool kHasPackedGemm = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double> ||
-                                std::is_same_v<scalar_t, at::Half>
-#if defined(CPU_CAPABILITY_AVX512)
-                                || std::is_same_v<scalar_t, at::BFloat16>
+                                std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
+
+template <typename scalar_t>
+constexpr bool kConvertsToFloat = std::is_same_v<scalar_t, at::Half>
+#if !defined(CPU_CAPABILITY_AVX512)
+                                  || std::is_same_v<scalar_t, at::BFloat16>
 #endif
     ;
 
 // Whether the microkernel for scalar_t runs on this CPU.
 template <typename scalar_t>
 bool packed_gemm_runs() {
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16> && !kConvertsToFloat<scalar_t>) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
     static const bool has_bf16_dot = __builtin_cpu_supports("avx512bf16");
-    return kHasPackedGemm<scalar_t> && has_bf16_dot;
+    return has_bf16_dot;
 #else
     return false;
 #endif
@@ -53,14 +60,14 @@ bool packed_gemm_runs() {
 // never needs a column tail. A panel is k-major in groups of kDepth rows: element
 // (p, j) of op(W)'s panel lies at (p / kDepth) kPanel kDepth + j kDepth + p % kDepth,
 // so that one vector load gets kDepth consecutive p of each of its columns (bfloat16's
-// pairs; k is zero-padded to a multiple of kDepth). Half packs into float32 panels
-// (panel_t), converted once here rather than at every step.
+// pairs; k is zero-padded to a multiple of kDepth). A dtype converted to float32 packs
+// into float32 panels (panel_t), converted once here rather than at every step.
 template <typename scalar_t>
 class PackedWeight {
  public:
   using acc_t = at::opmath_type<scalar_t>;
-  using panel_t = std::conditional_t<std::is_same_v<scalar_t, at::Half>, float, scalar_t>;
-  static constexpr int64_t kDepth = std::is_same_v<scalar_t, at::BFloat16> ? 2 : 1;
+  using panel_t = std::conditional_t<kConvertsToFloat<scalar_t>, float, scalar_t>;
+  static constexpr int64_t kDepth = std::is_same_v<panel_t, at::BFloat16> ? 2 : 1;
   static constexpr int64_t kPanel = 2 * at::vec::Vectorized<acc_t>::size();  // two vectors of accumulators
 
   explicit PackedWeight(const WeightOperand<scalar_t>& w)
@@ -204,20 +211,22 @@ void microkernel(int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b, b
   finish_tile<scalar_t, MR>(acc, accumulate, c, ldc, cols);
 }
 
-// The same for half, on the float32 kernel: the panel is float32 (PackedWeight), and A
-// goes to float32 kChunk columns at a time, into a buffer on the stack (12 x 64 floats)
-// that the k loop reads as it reads float32 A. The products of two halves are exact in
-// float32, so this sums what a half GEMM with float32 accumulation sums; C is rounded to
-// half once. (ATen's half GEMM cost 24 us or more per call, whatever its size, on the
-// Intel Xeon: at B=32 T=100 H=128 an LSTM's no_grad forward took 8.3 ms there, nn.LSTM's
-// 6.4.)
-template <int MR>
-void microkernel_half(int64_t k, const at::Half* a, int64_t lda, const float* b, bool accumulate, at::Half* c,
-                      int64_t ldc, int64_t cols) {
+// The same for half and bfloat16 (kConvertsToFloat), on the float32 kernel: the panel is
+// float32 (PackedWeight), and A goes to float32 kChunk columns at a time, into a buffer on
+// the stack (12 x 64 floats) that the k loop reads as it reads float32 A. The products of
+// two halves or two bfloat16 are exact in float32, so this sums what their GEMMs with
+// float32 accumulation sum; C is rounded once. (ATen's half GEMM cost 24 us or more per
+// call, whatever its size, on the Intel Xeon: at B=32 T=100 H=128 an LSTM's no_grad
+// forward took 8.3 ms there, nn.LSTM's 6.4. Without oneDNN's kernels for a dtype, ATen's
+// own GEMM loops ran 64 x 256 times 256 x 1024 at 1-2 GFLOP/s there.)
+template <typename scalar_t, int MR>
+void microkernel_converted(int64_t k, const scalar_t* a, int64_t lda, const float* b, bool accumulate, scalar_t* c,
+                           int64_t ldc, int64_t cols) {
+  static_assert(kConvertsToFloat<scalar_t>);
   using Vec = at::vec::Vectorized<float>;
-  using Lane = VecLane<float, at::Half>;
-  constexpr int64_t kPanel = PackedWeight<at::Half>::kPanel, kChunk = 64;
-  prefetch_tile<at::Half, MR>(c, ldc);
+  using Lane = VecLane<float, scalar_t>;
+  constexpr int64_t kPanel = PackedWeight<scalar_t>::kPanel, kChunk = 64;
+  prefetch_tile<scalar_t, MR>(c, ldc);
   Vec acc[MR][2];
 #pragma GCC unroll kMaxRows
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = Vec(0.f);
@@ -225,7 +234,7 @@ void microkernel_half(int64_t k, const at::Half* a, int64_t lda, const float* b,
   for (int64_t p0 = 0; p0 < k; p0 += kChunk) {
     const int64_t kc = std::min(kChunk, k - p0);
     for (int r = 0; r < MR; ++r) {
-      const at::Half* row = a + r * lda + p0;
+      const scalar_t* row = a + r * lda + p0;
       float* dst = a_chunk + r * kChunk;
       int64_t p = 0;
       for (; p + Vec::size() <= kc; p += Vec::size()) Lane::load(row + p).store(dst + p);
@@ -233,7 +242,7 @@ void microkernel_half(int64_t k, const at::Half* a, int64_t lda, const float* b,
     }
     accumulate_tile<float, MR>(kc, a_chunk, kChunk, b + p0 * kPanel, acc);
   }
-  finish_tile<at::Half, MR>(acc, accumulate, c, ldc, cols);
+  finish_tile<scalar_t, MR>(acc, accumulate, c, ldc, cols);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -283,8 +292,8 @@ LSTM_EXT_TARGET_BF16 void microkernel_bf16(int64_t k, const at::BFloat16* a, int
 
 template <typename scalar_t, int... MR>
 constexpr auto make_kernels(std::integer_sequence<int, MR...>) {
-  if constexpr (std::is_same_v<scalar_t, at::Half>) {
-    return std::array{&microkernel_half<MR + 1>...};
+  if constexpr (kConvertsToFloat<scalar_t>) {
+    return std::array{&microkernel_converted<scalar_t, MR + 1>...};
 #if defined(CPU_CAPABILITY_AVX512)
   } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     return std::array{&microkernel_bf16<MR + 1>...};
