@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -176,18 +177,25 @@ def by_cpu(line: str, brgemm: bool = True) -> str:
 FORCED = {"microkernel": ("microkernel", "onednn"), "mkl": ("mkl", "blas")}
 
 
+def assert_prepared_choices(out: str, dtype: str, mode: Optional[str], library: str) -> None:
+    """Every prepared weight's line of `dtype` in the choices report: timed with
+    LSTM_EXT_GEMM=auto, the default's rule (by_cpu) without it, else the forced family
+    (`library` with mkl)."""
+    for line in float32_choices(out, "prepared", dtype=dtype):
+        if mode == "auto":
+            assert "(timed: " in line, out
+        elif mode is None:
+            assert line.endswith(f": {by_cpu(line)}"), out
+        else:
+            assert line.endswith(f": {library if mode == 'mkl' else 'microkernel'} (LSTM_EXT_GEMM)"), out
+
+
 @pytest.mark.parametrize("mode", ["auto", "mkl", "microkernel", None])
 def test_forced_gemm_matches_nn_lstm(mode, child_env):
     proc = run_child({} if mode is None else {"LSTM_EXT_GEMM": mode}, child_env)
     assert proc.returncode == 0, proc.stderr
     # float64's prepared weights: the microkernel or the BLAS (no oneDNN matmul for its weight gradients).
-    for line in float32_choices(proc.stdout, "prepared", dtype="float64"):
-        if mode == "auto":
-            assert "(timed: " in line, proc.stdout
-        elif mode is None:
-            assert line.endswith(f": {by_cpu(line)}"), proc.stdout
-        else:
-            assert line.endswith(f": {'blas' if mode == 'mkl' else 'microkernel'} (LSTM_EXT_GEMM)"), proc.stdout
+    assert_prepared_choices(proc.stdout, "float64", mode, "blas")
     if mode == "auto":
         assert all("(timed: " in line or "unavailable)" in line for line in float32_choices(proc.stdout)), proc.stdout
         return
@@ -317,13 +325,7 @@ def test_half_gemms_match_nn_lstm(mode, child_env):
     env = {"CHILD_DTYPES": "float16,float32,float64", **({} if mode is None else {"LSTM_EXT_GEMM": mode})}
     proc = run_child(env, child_env)
     assert proc.returncode == 0, proc.stderr
-    for line in float32_choices(proc.stdout, "prepared", dtype="float16"):
-        if mode == "auto":
-            assert "(timed: " in line, proc.stdout
-        elif mode is None:
-            assert line.endswith(f": {by_cpu(line)}"), proc.stdout
-        else:
-            assert line.endswith(f": {'aten' if mode == 'mkl' else 'microkernel'} (LSTM_EXT_GEMM)"), proc.stdout
+    assert_prepared_choices(proc.stdout, "float16", mode, "aten")
 
 
 @pytest.mark.parametrize("capability", ["avx2", "avx512"])
