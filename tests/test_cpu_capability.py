@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lstm_ext  # noqa: F401  (loads the operators)
-from test_gemm_select import FLAGS, bf16_microkernel_runs, by_cpu, float32_choices, run_child
+from test_gemm_select import by_cpu, float32_choices, run_child
 
 
 def capability(out: str) -> str:
@@ -48,14 +48,11 @@ def test_vector_kernels_match_nn_lstm(capability_name, child_env):
                      child_env)
     assert proc.returncode == 0, proc.stderr
     assert capability(proc.stdout) == best_capability(capability_name)
-    # bfloat16's AVX-512 microkernel needs AVX-512 BF16; the AVX2 kernels run bfloat16 on the
-    # float32 microkernel, as half on every instruction set.
-    bf16 = float32_choices(proc.stdout, "prepared", dtype="bfloat16")
-    for line in bf16:
-        expected = by_cpu(line) if bf16_microkernel_runs(proc.stdout) else "aten (no AVX-512 BF16 microkernel here)"
-        assert line.endswith(f": {expected}"), proc.stdout
-    half = float32_choices(proc.stdout, "prepared", dtype="float16")
-    assert all(line.endswith(f": {by_cpu(line)}") for line in half), proc.stdout
+    # bfloat16 on AVX-512 BF16 where the AVX-512 kernels run on a CPU with it, else, as half,
+    # on the float32 microkernel, converted: the default's rule either way.
+    for dtype in ("bfloat16", "float16"):
+        lines = float32_choices(proc.stdout, "prepared", dtype=dtype)
+        assert all(line.endswith(f": {by_cpu(line)}") for line in lines), proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -95,10 +92,10 @@ def test_activations_within_a_few_ulp_on_each_capability(capability_name, child_
 # Batches of 1 to 25 rows, on one thread (a step's rows in one GEMM) and on two (rows split
 # between them), run the microkernel on row tiles of every height it has (up to 6 rows with
 # AVX2, 12 with AVX-512) and on a partial last panel (4 H = 80 columns); T = 8 steps, so the
-# weights are packed. Forward+backward against nn.LSTM; half converts A to float32 64
-# columns at a time (the backward's step GEMM has k = 4 H = 80: a full chunk and a part).
+# weights are packed. Forward+backward against nn.LSTM; half and converted bfloat16 turn A
+# into float32 64 columns at a time (the backward's step GEMM has k = 4 H = 80: a full
+# chunk and a part).
 TILES_CHILD = r"""
-import os
 import torch
 from torch import nn
 import lstm_ext
@@ -106,10 +103,9 @@ import lstm_ext
 torch.manual_seed(0)
 I, H, T = 5, 20, 8
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-dtypes = [torch.float32, torch.float64, torch.float16] + ([torch.bfloat16] if os.environ.get("CHILD_BF16") == "1" else [])
 for threads in (1, 2):
     torch.set_num_threads(threads)
-    for dtype in dtypes:
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         ref = nn.LSTM(I, H, dtype=dtype)
         ext = lstm_ext.LSTM(I, H, dtype=dtype)
         ext.load_state_dict(ref.state_dict())
@@ -131,11 +127,15 @@ print("cpu_capability:", torch.ops.lstm_ext.cpu_capability())
 """
 
 
+@pytest.mark.parametrize("bf16_dot", ["cpu", "disabled"])
 @pytest.mark.parametrize("capability_name", ["avx2", "avx512"])
-def test_every_microkernel_tile_height_matches_nn_lstm(capability_name, child_env):
+def test_every_microkernel_tile_height_matches_nn_lstm(capability_name, bf16_dot, child_env):
+    # bf16_dot "disabled" acts as a CPU without AVX-512 BF16: the AVX-512 kernels then run
+    # bfloat16 converted too (the AVX2 ones always do).
     env = {k: v for k, v in child_env.items() if not k.startswith("LSTM_EXT_GEMM")}
-    env.update(LSTM_EXT_CPU_CAPABILITY=capability_name, LSTM_EXT_GEMM="microkernel", OMP_NUM_THREADS="2",
-               CHILD_BF16="0" if best_capability(capability_name) == "avx512" and "avx512_bf16" not in FLAGS else "1")
+    env.update(LSTM_EXT_CPU_CAPABILITY=capability_name, LSTM_EXT_GEMM="microkernel", OMP_NUM_THREADS="2")
+    if bf16_dot == "disabled":
+        env["LSTM_EXT_GEMM_DISABLE_BF16_DOT"] = "1"
     proc = subprocess.run([sys.executable, "-c", TILES_CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert capability(proc.stdout) == best_capability(capability_name)

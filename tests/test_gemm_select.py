@@ -122,13 +122,6 @@ VENDOR, FLAGS = _cpuinfo()
 INTEL = VENDOR == "GenuineIntel"
 
 
-def bf16_microkernel_runs(out: str) -> bool:
-    """Whether the child's kernels have a bfloat16 microkernel that runs here: the AVX2 and
-    portable ones always (on the float32 kernel), the AVX-512 one on a CPU with AVX-512 BF16
-    (Linux's /proc/cpuinfo flag avx512_bf16)."""
-    return "cpu_capability: avx512" not in out or "avx512_bf16" in FLAGS
-
-
 PER_STEP_ROLES = ("recurrent ", "projection ", "recurrent backward (dh) ", "projection backward ")
 
 
@@ -253,8 +246,6 @@ def test_default_rule_on_a_larger_lstm(dtype, child_env):
         lines += float32_choices(proc.stdout, "weight")
         if any("unavailable" in line for line in lines):
             return
-    elif dtype == "bfloat16" and not bf16_microkernel_runs(proc.stdout):
-        return  # ATen's GEMM only: test_bfloat16_gemms_match_nn_lstm checks that
     assert all(line.endswith(f": {by_cpu(line)}") for line in lines), proc.stdout
 
 
@@ -301,9 +292,7 @@ def test_bfloat16_gemms_match_nn_lstm(mode, brgemm, child_env):
     if brgemm == "missing":
         assert not any("brgemm" in line for line in lines), proc.stdout
     with_brgemm = brgemm == "present" and "amx_bf16" in FLAGS
-    if not bf16_microkernel_runs(proc.stdout):
-        assert all(line.endswith(": aten (no AVX-512 BF16 microkernel here)") for line in lines), proc.stdout
-    elif mode == "auto":
+    if mode == "auto":
         assert all("(timed: " in line for line in lines), proc.stdout
     elif mode is None:
         assert all(line.endswith(f": {by_cpu(line, brgemm == 'present')}") for line in lines), proc.stdout
@@ -339,4 +328,4 @@ def test_reduced_precision_without_onednn_matches_nn_lstm(capability, child_env)
     assert proc.returncode == 0, proc.stderr
     for dtype in ("float16", "bfloat16"):
         lines = float32_choices(proc.stdout, "prepared", dtype=dtype)
-        assert all(line.endswith(": aten (LSTM_EXT_GEMM)") or "no AVX-512 BF16" in line for line in lines), proc.stdout
+        assert all(line.endswith(": aten (LSTM_EXT_GEMM)") for line in lines), proc.stdout

@@ -20,10 +20,11 @@
 //    time loop. On the Intel Xeon oneDNN runs them on AMX: there an LSTM's forward+backward
 //    at B=64 T=100 H=256 L=2 took 91 ms on ATen's GEMM, 245 ms on the microkernel.
 //    With AMX the per-step GEMMs (even k) run on oneDNN's batch-reduce GEMM instead of
-//    ATen's, on weights packed once per call (BrgemmPackedWeight, below). The AVX2 and
-//    portable kernels run bfloat16 on the float32 microkernel, converted (packed_gemm.h):
-//    a CPU without AVX-512 has no oneDNN kernels for ATen's bfloat16 GEMM
-//    (aten_reduced_gemm_on_onednn). Not measured on such a CPU.
+//    ATen's, on weights packed once per call (BrgemmPackedWeight, below). Without AVX-512
+//    BF16 (and in the AVX2 and portable kernels) the microkernel runs bfloat16 on the
+//    float32 kernel, converted (packed_gemm.h), rather than leave every per-step GEMM to
+//    ATen's per-call cost; without AVX-512 ATen's bfloat16 GEMM has no oneDNN kernels at
+//    all (aten_reduced_gemm_on_onednn). Not measured on such CPUs.
 //  * The half ones: packed_gemm's microkernel (half on the float32 kernel), or ATen's
 //    GEMM, which runs oneDNN's float16 kernels where the CPU has AVX512-FP16 (ATen's
 //    mkldnn_fp16_device_check; elsewhere loops of its own). On the Intel Xeon (AVX512-FP16,
@@ -46,7 +47,7 @@
 //     where the CPU has AMX on oneDNN's batch-reduce GEMM (the forward's recurrent GEMM
 //     from m n k = 2^18, the other per-step GEMMs from 2^21) or ATen's GEMM (the others of
 //     m n k >= 2^22), smaller ones on the microkernel; on the microkernel elsewhere (AVX-512
-//     BF16, or the float32 kernel with AVX2); half on the microkernel, but for the input
+//     BF16, or the float32 kernel, converted); half on the microkernel, but for the input
 //     projections and dx of m n k >= 2^22 on ATen's GEMM where the CPU has AVX512-FP16.
 //     bfloat16 and half weight gradients run on ATen's GEMM, or where it has no oneDNN
 //     kernels for them on float32 copies, as float32's.
@@ -62,8 +63,9 @@
 //     repeat an uninterrupted one exactly. The default's rule gives the same choice on
 //     every run on one machine.
 //   LSTM_EXT_GEMM_DISABLE_MKL=1, LSTM_EXT_GEMM_DISABLE_ONEDNN=1 and
-//     LSTM_EXT_GEMM_DISABLE_BRGEMM=1 act as a torch without MKL's packed GEMM, oneDNN's
-//     matmul or the batch-reduce GEMM would, for tests.
+//     LSTM_EXT_GEMM_DISABLE_BRGEMM=1 act as a torch without MKL's packed GEMM, oneDNN
+//     or the batch-reduce GEMM would, LSTM_EXT_GEMM_DISABLE_BF16_DOT=1 as a CPU without
+//     AVX-512 BF16, for tests.
 // The variables are read once. oneDNN has no float64 matmul: float64's weight gradients
 // always run on the BLAS.
 #pragma once
@@ -572,10 +574,6 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
     } else {
       if (cpu_has_amx_bf16() && large) candidates.by_cpu = GemmImpl::kAten;
       candidates.why_by_cpu = !cpu_has_amx_bf16() ? "no AMX" : large ? "AMX, m n k >= 2^22" : "AMX, m n k < 2^22";
-    }
-    if (!packed_gemm_runs<scalar_t>()) {
-      candidates.only = GemmImpl::kAten;
-      candidates.why_only = "no AVX-512 BF16 microkernel here";
     }
   }
   // Timed (with "auto" only) on the real weight and zero inputs, into a scratch C; the

@@ -19,7 +19,9 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 
@@ -28,87 +30,110 @@
 
 namespace lstm_ext {
 
-// Every dtype has a microkernel. Half, and bfloat16 outside the AVX-512 compilation, run
-// on the float32 one, converted (microkernel_converted); the AVX-512 bfloat16 one needs
-// AVX-512 BF16 (vdpbf16ps).
+// Every dtype has a microkernel, on every CPU.
 template <typename scalar_t>
 constexpr bool kHasPackedGemm = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double> ||
                                 std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
 
+// Whether this compilation has a kernel for scalar_t's own panels: float32, float64, and
+// bfloat16 (vdpbf16ps) in the AVX-512 one.
 template <typename scalar_t>
-constexpr bool kConvertsToFloat = std::is_same_v<scalar_t, at::Half>
-#if !defined(CPU_CAPABILITY_AVX512)
+constexpr bool kHasNativeKernel = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>
+#if defined(CPU_CAPABILITY_AVX512)
                                   || std::is_same_v<scalar_t, at::BFloat16>
 #endif
     ;
 
-// Whether the microkernel for scalar_t runs on this CPU.
+// Whether scalar_t's GEMMs run on the float32 microkernel, converted (microkernel_converted):
+// half always, bfloat16 where vdpbf16ps cannot run, outside the AVX-512 kernels or on a CPU
+// without AVX-512 BF16 (LSTM_EXT_GEMM_DISABLE_BF16_DOT=1 acts as one, for tests).
 template <typename scalar_t>
-bool packed_gemm_runs() {
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16> && !kConvertsToFloat<scalar_t>) {
+bool converts_to_float() {
+  if constexpr (!kHasNativeKernel<scalar_t>) {
+    return true;
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    static const bool has_bf16_dot = __builtin_cpu_supports("avx512bf16");
-    return has_bf16_dot;
+    static const bool has_bf16_dot = __builtin_cpu_supports("avx512bf16") != 0;
 #else
-    return false;
+    static const bool has_bf16_dot = false;
 #endif
+    static const char* disabled = std::getenv("LSTM_EXT_GEMM_DISABLE_BF16_DOT");
+    static const bool converts = !has_bf16_dot || (disabled != nullptr && std::string_view(disabled) == "1");
+    return converts;
+  } else {
+    return false;
   }
-  return kHasPackedGemm<scalar_t>;
 }
 
 // op(W) as panels of kPanel columns, the last one zero-padded so that the microkernel
-// never needs a column tail. A panel is k-major in groups of kDepth rows: element
-// (p, j) of op(W)'s panel lies at (p / kDepth) kPanel kDepth + j kDepth + p % kDepth,
-// so that one vector load gets kDepth consecutive p of each of its columns (bfloat16's
-// pairs; k is zero-padded to a multiple of kDepth). A dtype converted to float32 packs
-// into float32 panels (panel_t), converted once here rather than at every step.
+// never needs a column tail. A panel is k-major in groups of depth rows: element (p, j) of
+// op(W)'s panel lies at (p / depth) kPanel depth + j depth + p % depth, so that one vector
+// load gets depth consecutive p of each of its columns (depth 2: bfloat16's pairs for
+// vdpbf16ps; k is zero-padded to a multiple of depth). Where the dtype converts to float32
+// (converts_to_float) the panels are float32, converted once here rather than at every step.
 template <typename scalar_t>
 class PackedWeight {
  public:
   using acc_t = at::opmath_type<scalar_t>;
-  using panel_t = std::conditional_t<kConvertsToFloat<scalar_t>, float, scalar_t>;
-  static constexpr int64_t kDepth = std::is_same_v<panel_t, at::BFloat16> ? 2 : 1;
   static constexpr int64_t kPanel = 2 * at::vec::Vectorized<acc_t>::size();  // two vectors of accumulators
 
   explicit PackedWeight(const WeightOperand<scalar_t>& w)
-      : k_(w.k()), n_(w.n()), num_panels_((n_ + kPanel - 1) / kPanel),
-        panel_size_(kPanel * ((k_ + kDepth - 1) / kDepth * kDepth)),
-        panels_(at::empty({num_panels_ * panel_size_}, c10::CppTypeToScalarType<panel_t>::value)) {
-    panel_t* out = panels_.data_ptr<panel_t>();
+      : converted_(converts_to_float<scalar_t>()),
+        depth_(std::is_same_v<scalar_t, at::BFloat16> && !converted_ ? 2 : 1),
+        k_(w.k()), n_(w.n()), num_panels_((n_ + kPanel - 1) / kPanel),
+        panel_size_(kPanel * ((k_ + depth_ - 1) / depth_ * depth_)) {
+    if (converted_) {
+      pack<float>(w);
+    } else {
+      pack<scalar_t>(w);
+    }
+  }
+
+  bool converted() const { return converted_; }
+  int64_t k() const { return k_; }
+  int64_t n() const { return n_; }
+  int64_t num_panels() const { return num_panels_; }
+  // Panel i, of float (converted()) or scalar_t.
+  template <typename T>
+  const T* panel(int64_t i) const {
+    return panels_.data_ptr<T>() + i * panel_size_;
+  }
+
+ private:
+  template <typename T>
+  void pack(const WeightOperand<scalar_t>& w) {
+    panels_ = at::empty({num_panels_ * panel_size_}, c10::CppTypeToScalarType<T>::value);
+    T* out = panels_.data_ptr<T>();
+    const int64_t depth = depth_;
     // A small weight packs faster than another thread wakes up: ~64K elements each.
     const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, panel_size_));
     at::parallel_for(0, num_panels_, grain, [&](int64_t begin, int64_t end) {
       for (int64_t panel = begin; panel < end; ++panel) {
-        panel_t* dst = out + panel * panel_size_;
+        T* dst = out + panel * panel_size_;
         const int64_t j0 = panel * kPanel, cols = std::min(kPanel, n_ - j0);
-        auto element = [dst](int64_t p, int64_t jj) -> panel_t& {
-          return dst[(p / kDepth) * kPanel * kDepth + jj * kDepth + p % kDepth];
+        auto element = [dst, depth](int64_t p, int64_t jj) -> T& {
+          return dst[(p / depth) * kPanel * depth + jj * depth + p % depth];
         };
-        std::fill(dst, dst + panel_size_, panel_t(0));  // the padding: columns past n, k past k()
+        std::fill(dst, dst + panel_size_, T(0));  // the padding: columns past n, k past k()
         // Each loop reads W's rows contiguously. (A loop over op(W)'s elements with a branch
         // for the padding took 8% of the samples of a B=8 T=50 H=64 L=2 inference.)
         if (w.transposed) {  // op(W)[p, j] = W[j, p]
           for (int64_t jj = 0; jj < cols; ++jj) {
             const scalar_t* row = w.data + (j0 + jj) * w.cols;
-            for (int64_t p = 0; p < k_; ++p) element(p, jj) = row[p];
+            for (int64_t p = 0; p < k_; ++p) element(p, jj) = static_cast<T>(row[p]);
           }
         } else {  // op(W)[p, j] = W[p, j]
           for (int64_t p = 0; p < k_; ++p) {
             const scalar_t* row = w.data + p * w.cols + j0;
-            for (int64_t jj = 0; jj < cols; ++jj) element(p, jj) = row[jj];
+            for (int64_t jj = 0; jj < cols; ++jj) element(p, jj) = static_cast<T>(row[jj]);
           }
         }
       }
     });
   }
 
-  int64_t k() const { return k_; }
-  int64_t n() const { return n_; }
-  int64_t num_panels() const { return num_panels_; }
-  const panel_t* panel(int64_t i) const { return panels_.data_ptr<panel_t>() + i * panel_size_; }
-
- private:
-  int64_t k_, n_, num_panels_, panel_size_;
+  bool converted_;
+  int64_t depth_, k_, n_, num_panels_, panel_size_;
   at::Tensor panels_;
 };
 
@@ -211,7 +236,7 @@ void microkernel(int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b, b
   finish_tile<scalar_t, MR>(acc, accumulate, c, ldc, cols);
 }
 
-// The same for half and bfloat16 (kConvertsToFloat), on the float32 kernel: the panel is
+// The same for half and bfloat16 (converts_to_float), on the float32 kernel: the panel is
 // float32 (PackedWeight), and A goes to float32 kChunk columns at a time, into a buffer on
 // the stack (12 x 64 floats) that the k loop reads as it reads float32 A. The products of
 // two halves or two bfloat16 are exact in float32, so this sums what their GEMMs with
@@ -222,7 +247,7 @@ void microkernel(int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b, b
 template <typename scalar_t, int MR>
 void microkernel_converted(int64_t k, const scalar_t* a, int64_t lda, const float* b, bool accumulate, scalar_t* c,
                            int64_t ldc, int64_t cols) {
-  static_assert(kConvertsToFloat<scalar_t>);
+  static_assert(std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>);
   using Vec = at::vec::Vectorized<float>;
   using Lane = VecLane<float, scalar_t>;
   constexpr int64_t kPanel = PackedWeight<scalar_t>::kPanel, kChunk = 64;
@@ -247,7 +272,7 @@ void microkernel_converted(int64_t k, const scalar_t* a, int64_t lda, const floa
 
 #if defined(CPU_CAPABILITY_AVX512)
 // The AVX-512 copy's target and AVX-512 BF16, for the code that runs vdpbf16ps; only
-// called where packed_gemm_runs<at::BFloat16>() (the CPU has it).
+// called where the weight is not converts_to_float (the CPU has it).
 #define LSTM_EXT_TARGET_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16"), always_inline)) inline
 
@@ -290,21 +315,28 @@ LSTM_EXT_TARGET_BF16 void microkernel_bf16(int64_t k, const at::BFloat16* a, int
 #undef LSTM_EXT_TARGET_BF16
 #endif
 
+// kernels<scalar_t>[r - 1] handles r rows on scalar_t's own panels (kHasNativeKernel),
+// converted_kernels<scalar_t>[r - 1] on float32 panels (half and bfloat16).
 template <typename scalar_t, int... MR>
 constexpr auto make_kernels(std::integer_sequence<int, MR...>) {
-  if constexpr (kConvertsToFloat<scalar_t>) {
-    return std::array{&microkernel_converted<scalar_t, MR + 1>...};
 #if defined(CPU_CAPABILITY_AVX512)
-  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     return std::array{&microkernel_bf16<MR + 1>...};
+  } else
 #endif
-  } else {
+  {
     return std::array{&microkernel<scalar_t, MR + 1>...};
   }
 }
-// kernels<scalar_t>[r - 1] handles r rows.
 template <typename scalar_t>
 constexpr auto kernels = make_kernels<scalar_t>(std::make_integer_sequence<int, kMaxRows>{});
+
+template <typename scalar_t, int... MR>
+constexpr auto make_converted_kernels(std::integer_sequence<int, MR...>) {
+  return std::array{&microkernel_converted<scalar_t, MR + 1>...};
+}
+template <typename scalar_t>
+constexpr auto converted_kernels = make_converted_kernels<scalar_t>(std::make_integer_sequence<int, kMaxRows>{});
 
 #undef LSTM_EXT_INLINE
 
@@ -337,8 +369,17 @@ void packed_gemm(int64_t m, const scalar_t* a, int64_t lda, const PackedWeight<s
         // not their throughput, bounds the microkernel.
         for (int64_t block = 0, i = 0; block < row_blocks; ++block) {
           const int64_t rows = (mc - i) / (row_blocks - block);
-          kernels<scalar_t>[rows - 1](w.k(), a_chunk + i * lda, lda, w.panel(panel), beta != 0,
-                                      c_chunk + i * ldc + j0, ldc, cols);
+          const scalar_t* a_rows = a_chunk + i * lda;
+          scalar_t* c_rows = c_chunk + i * ldc + j0;
+          if (w.converted()) {
+            if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+              converted_kernels<scalar_t>[rows - 1](w.k(), a_rows, lda, w.template panel<float>(panel), beta != 0,
+                                                    c_rows, ldc, cols);
+            }
+          } else if constexpr (kHasNativeKernel<scalar_t>) {
+            kernels<scalar_t>[rows - 1](w.k(), a_rows, lda, w.template panel<scalar_t>(panel), beta != 0, c_rows,
+                                        ldc, cols);
+          }
           i += rows;
         }
       }
