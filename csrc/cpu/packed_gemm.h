@@ -83,9 +83,11 @@ class PackedWeight {
         k_(w.k()), n_(w.n()), num_panels_((n_ + kPanel - 1) / kPanel),
         panel_size_(kPanel * ((k_ + depth_ - 1) / depth_ * depth_)) {
     if (converted_) {
-      pack<float>(w);
+      pack<float, 1>(w);
+    } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      pack<scalar_t, 2>(w);
     } else {
-      pack<scalar_t>(w);
+      pack<scalar_t, 1>(w);
     }
   }
 
@@ -100,19 +102,19 @@ class PackedWeight {
   }
 
  private:
-  template <typename T>
+  // Depth is depth_, as a constant: the index arithmetic below runs once per element.
+  template <typename T, int64_t Depth>
   void pack(const WeightOperand<scalar_t>& w) {
     panels_ = at::empty({num_panels_ * panel_size_}, c10::CppTypeToScalarType<T>::value);
     T* out = panels_.data_ptr<T>();
-    const int64_t depth = depth_;
     // A small weight packs faster than another thread wakes up: ~64K elements each.
     const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, panel_size_));
     at::parallel_for(0, num_panels_, grain, [&](int64_t begin, int64_t end) {
       for (int64_t panel = begin; panel < end; ++panel) {
         T* dst = out + panel * panel_size_;
         const int64_t j0 = panel * kPanel, cols = std::min(kPanel, n_ - j0);
-        auto element = [dst, depth](int64_t p, int64_t jj) -> T& {
-          return dst[(p / depth) * kPanel * depth + jj * depth + p % depth];
+        auto element = [dst](int64_t p, int64_t jj) -> T& {
+          return dst[(p / Depth) * kPanel * Depth + jj * Depth + p % Depth];
         };
         std::fill(dst, dst + panel_size_, T(0));  // the padding: columns past n, k past k()
         // Each loop reads W's rows contiguously. (A loop over op(W)'s elements with a branch
