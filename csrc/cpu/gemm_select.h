@@ -586,7 +586,7 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
   at::Tensor a, c;
   auto setup = [&] {
     if (a.defined()) return;
-    if constexpr (kHasPackedGemm<scalar_t>) micro.emplace(w);
+    micro.emplace(w);
     if constexpr (kFloat) mkl.emplace(w, use.rows);
 #ifdef LSTM_EXT_BRGEMM
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
@@ -601,9 +601,7 @@ GemmImpl select_gemm(const WeightOperand<scalar_t>& w, const GemmUse& use) {
       key, candidates,
       [&] {
         setup();
-        if constexpr (kHasPackedGemm<scalar_t>) {
-          packed_gemm(use.rows, a.data_ptr<scalar_t>(), w.k(), *micro, 1, c.data_ptr<scalar_t>(), w.n());
-        }
+        packed_gemm(use.rows, a.data_ptr<scalar_t>(), w.k(), *micro, 1, c.data_ptr<scalar_t>(), w.n());
       },
       [&] {
         setup();

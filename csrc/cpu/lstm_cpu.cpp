@@ -122,9 +122,7 @@ struct CpuBackend {
     CpuWeight<scalar_t> prepared{w};
     if (use.steps < kMinStepsToPack || w.rows == 0) return prepared;
     const GemmImpl impl = select_gemm(w, use);
-    if constexpr (kHasPackedGemm<scalar_t>) {
-      if (impl == GemmImpl::kMicrokernel) prepared.packed.emplace(w);
-    }
+    if (impl == GemmImpl::kMicrokernel) prepared.packed.emplace(w);
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (impl == GemmImpl::kMkl) prepared.mkl.emplace(w, use.rows);
     }
@@ -140,9 +138,7 @@ struct CpuBackend {
   template <typename scalar_t>
   static void gemm(int64_t m, const scalar_t* a, int64_t lda, const CpuWeight<scalar_t>& w, float beta,
                    scalar_t* c, int64_t ldc) {
-    if constexpr (kHasPackedGemm<scalar_t>) {
-      if (w.packed) return packed_gemm(m, a, lda, *w.packed, beta, c, ldc);
-    }
+    if (w.packed) return packed_gemm(m, a, lda, *w.packed, beta, c, ldc);
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (w.mkl && m == w.mkl->rows()) return w.mkl->compute(a, lda, beta, c, ldc);
     }

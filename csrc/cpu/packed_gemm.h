@@ -30,13 +30,9 @@
 
 namespace lstm_ext {
 
-// Every dtype has a microkernel, on every CPU.
-template <typename scalar_t>
-constexpr bool kHasPackedGemm = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double> ||
-                                std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>;
-
-// Whether this compilation has a kernel for scalar_t's own panels: float32, float64, and
-// bfloat16 (vdpbf16ps) in the AVX-512 one.
+// Every dtype the backend runs (float32, float64, half, bfloat16) has a microkernel on every
+// CPU. Whether this compilation has a kernel for scalar_t's own panels: float32, float64,
+// and bfloat16 (vdpbf16ps) in the AVX-512 one; the others run converted_kernels.
 template <typename scalar_t>
 constexpr bool kHasNativeKernel = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>
 #if defined(CPU_CAPABILITY_AVX512)
@@ -78,10 +74,7 @@ class PackedWeight {
   static constexpr int64_t kPanel = 2 * at::vec::Vectorized<acc_t>::size();  // two vectors of accumulators
 
   explicit PackedWeight(const WeightOperand<scalar_t>& w)
-      : converted_(converts_to_float<scalar_t>()),
-        depth_(std::is_same_v<scalar_t, at::BFloat16> && !converted_ ? 2 : 1),
-        k_(w.k()), n_(w.n()), num_panels_((n_ + kPanel - 1) / kPanel),
-        panel_size_(kPanel * ((k_ + depth_ - 1) / depth_ * depth_)) {
+      : converted_(converts_to_float<scalar_t>()), k_(w.k()), n_(w.n()), num_panels_((n_ + kPanel - 1) / kPanel) {
     if (converted_) {
       pack<float, 1>(w);
     } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
@@ -102,9 +95,10 @@ class PackedWeight {
   }
 
  private:
-  // Depth is depth_, as a constant: the index arithmetic below runs once per element.
+  // Depth as a constant: the index arithmetic below runs once per element.
   template <typename T, int64_t Depth>
   void pack(const WeightOperand<scalar_t>& w) {
+    panel_size_ = kPanel * ((k_ + Depth - 1) / Depth * Depth);
     panels_ = at::empty({num_panels_ * panel_size_}, c10::CppTypeToScalarType<T>::value);
     T* out = panels_.data_ptr<T>();
     // A small weight packs faster than another thread wakes up: ~64K elements each.
@@ -135,7 +129,7 @@ class PackedWeight {
   }
 
   bool converted_;
-  int64_t depth_, k_, n_, num_panels_, panel_size_;
+  int64_t k_, n_, num_panels_, panel_size_ = 0;
   at::Tensor panels_;
 };
 
@@ -348,7 +342,6 @@ constexpr auto converted_kernels = make_converted_kernels<scalar_t>(std::make_in
 template <typename scalar_t>
 void packed_gemm(int64_t m, const scalar_t* a, int64_t lda, const PackedWeight<scalar_t>& w, float beta,
                  scalar_t* c, int64_t ldc) {
-  static_assert(kHasPackedGemm<scalar_t>);
   using namespace packed_gemm_detail;
   constexpr int64_t kPanel = PackedWeight<scalar_t>::kPanel;
   // Rows go in chunks of about 256 KiB of A, which stay in L2 while every panel passes
