@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lstm_ext  # noqa: F401  (loads the operators)
-from test_gemm_select import by_cpu, float32_choices, run_child
+from test_gemm_select import FLAGS, by_cpu, float32_choices, run_child
 
 
 def capability(out: str) -> str:
@@ -48,8 +48,8 @@ def test_vector_kernels_match_nn_lstm(capability_name, child_env):
                      child_env)
     assert proc.returncode == 0, proc.stderr
     assert capability(proc.stdout) == best_capability(capability_name)
-    # bfloat16 on AVX-512 BF16 where the AVX-512 kernels run on a CPU with it, else, as half,
-    # on the float32 microkernel, converted: the default's rule either way.
+    # bfloat16 on vdpbf16ps or, as half, on the float32 microkernel, converted: the
+    # default's rule either way.
     for dtype in ("bfloat16", "float16"):
         lines = float32_choices(proc.stdout, "prepared", dtype=dtype)
         assert all(line.endswith(f": {by_cpu(line)}") for line in lines), proc.stdout
@@ -124,18 +124,22 @@ for threads in (1, 2):
                 torch.testing.assert_close(got, expected, rtol=TOL[dtype], atol=tol,
                                            msg=lambda s: f"{threads} threads, {dtype}, batch {batch}: {s}")
 print("cpu_capability:", torch.ops.lstm_ext.cpu_capability())
+print(torch.ops.lstm_ext.gemm_choices())
 """
 
 
-@pytest.mark.parametrize("bf16_dot", ["cpu", "disabled"])
+@pytest.mark.parametrize("bf16_dot", ["1", "0"])
 @pytest.mark.parametrize("capability_name", ["avx2", "avx512"])
 def test_every_microkernel_tile_height_matches_nn_lstm(capability_name, bf16_dot, child_env):
-    # bf16_dot "disabled" acts as a CPU without AVX-512 BF16: the AVX-512 kernels then run
-    # bfloat16 converted too (the AVX2 ones always do).
+    # LSTM_EXT_GEMM_BF16_DOT=1: the AVX-512 kernels run bfloat16 on vdpbf16ps wherever the
+    # CPU has AVX-512 BF16 (the default on AMD's CPUs only); =0: on the float32 kernel,
+    # converted, as they do without it and the AVX2 ones always do.
     env = {k: v for k, v in child_env.items() if not k.startswith("LSTM_EXT_GEMM")}
-    env.update(LSTM_EXT_CPU_CAPABILITY=capability_name, LSTM_EXT_GEMM="microkernel", OMP_NUM_THREADS="2")
-    if bf16_dot == "disabled":
-        env["LSTM_EXT_GEMM_DISABLE_BF16_DOT"] = "1"
+    env.update(LSTM_EXT_CPU_CAPABILITY=capability_name, LSTM_EXT_GEMM="microkernel", OMP_NUM_THREADS="2",
+               LSTM_EXT_GEMM_BF16_DOT=bf16_dot)
     proc = subprocess.run([sys.executable, "-c", TILES_CHILD], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert capability(proc.stdout) == best_capability(capability_name)
+    dot = bf16_dot == "1" and best_capability(capability_name) == "avx512" and "avx512_bf16" in FLAGS
+    kernel = "vdpbf16ps" if dot else "float32, converted"
+    assert f"bfloat16 microkernel: {kernel} (" in proc.stdout, proc.stdout

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -276,8 +277,8 @@ def test_unknown_gemm_mode_is_an_error(child_env):
 @pytest.mark.parametrize("mode", ["auto", "mkl", "microkernel", None])
 @pytest.mark.parametrize("brgemm", ["present", "missing"])
 def test_bfloat16_gemms_match_nn_lstm(mode, brgemm, child_env):
-    # bfloat16's prepared weights: the AVX-512 BF16 microkernel where the CPU has it (the
-    # default without AMX, and LSTM_EXT_GEMM=microkernel); with LSTM_EXT_GEMM=mkl, oneDNN's
+    # bfloat16's prepared weights: the microkernel (the default without AMX, and
+    # LSTM_EXT_GEMM=microkernel); with LSTM_EXT_GEMM=mkl, oneDNN's
     # batch-reduce GEMM for the per-step GEMMs where the CPU has AMX, ATen's GEMM for the
     # others; by default with AMX the rule of by_cpu; the faster of two with auto. "missing"
     # acts as a torch without the batch-reduce GEMM: ATen's GEMM in its place.
@@ -296,6 +297,12 @@ def test_bfloat16_gemms_match_nn_lstm(mode, brgemm, child_env):
         assert all("(timed: " in line for line in lines), proc.stdout
     elif mode is None:
         assert all(line.endswith(f": {by_cpu(line, brgemm == 'present')}") for line in lines), proc.stdout
+        # The microkernel's bfloat16 kernel: vdpbf16ps by default only where the AVX-512
+        # kernels run on a CPU with AVX-512 BF16 that is not Intel's (packed_gemm.h).
+        if any(line.endswith("microkernel", 0, line.index(" (")) for line in lines):
+            avx512_bf16 = torch.backends.cpu.get_cpu_capability() == "AVX512" and "avx512_bf16" in FLAGS
+            kernel = "float32, converted" if INTEL or not avx512_bf16 else "vdpbf16ps (default: not an Intel CPU)"
+            assert f"bfloat16 microkernel: {kernel}" in proc.stdout, proc.stdout
     else:
         # The CHILD has per-step GEMMs of even k (and of odd k), which LSTM_EXT_GEMM=mkl runs on brgemm with AMX.
         assert mode == "microkernel" or not with_brgemm or any(brgemm_serves(line) for line in lines), proc.stdout

@@ -85,7 +85,7 @@ def test_inference_row_blocks_match_torch(layers, bidirectional, T, packed, cell
 @pytest.mark.parametrize("cell", list(MODULES))
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_bfloat16_row_blocks_equal_one_thread(packed, cell):
-    # bfloat16 splits its rows where its microkernel runs (AVX-512 BF16). Each output element
+    # bfloat16 splits its rows where its microkernel runs. Each output element
     # sums the same products in the same order either way, so two threads (blocks of 6 and 7
     # rows) must give one thread's results bit for bit.
     _, ext_cls, extra = MODULES[cell]

@@ -14,17 +14,21 @@
 //    projection and dx (m n k >= 2^22) on the BLAS (B=32 T=100 H=128 L=1, B=50 T=50
 //    H=256 L=2, B=64 T=100 H=256 L=2), and 1% slower to 7% faster with the per-step
 //    GEMMs there too.
-//  * The bfloat16 ones: packed_gemm's AVX-512 BF16 microkernel, where the CPU has it, or
-//    ATen's GEMM (oneDNN). On an AMD EPYC Zen 4 the microkernel ran the per-step GEMM of
+//  * The bfloat16 ones: packed_gemm's microkernel (vdpbf16ps on an AMD CPU with AVX-512
+//    BF16, else the float32 kernel, converted: bf16_kernel), or ATen's GEMM (oneDNN).
+//    On an AMD EPYC Zen 4 the vdpbf16ps microkernel ran the per-step GEMM of
 //    B=64 H=256 (m=64 n=1024 k=256) at 417 GFLOP/s on 2 threads, ATen's at 163 in the
 //    time loop. On the Intel Xeon oneDNN runs them on AMX: there an LSTM's forward+backward
-//    at B=64 T=100 H=256 L=2 took 91 ms on ATen's GEMM, 245 ms on the microkernel.
+//    at B=64 T=100 H=256 L=2 took 91 ms on ATen's GEMM, 245 ms on the vdpbf16ps microkernel;
+//    timed alone (LSTM_EXT_GEMM=auto, 2 threads), the converted float32 one, which runs
+//    there now, took 0.57-0.67 as long as that one at H=64-256 (1.05-1.12x at m=16-32
+//    n=2048 k=512, whose float32 panels overflow L2), and ATen's GEMM still won from
+//    about 3 x 2^20, the batch-reduce GEMM from 2^19-2^20.
 //    With AMX the per-step GEMMs (even k) run on oneDNN's batch-reduce GEMM instead of
 //    ATen's, on weights packed once per call (BrgemmPackedWeight, below). Without AVX-512
-//    BF16 (and in the AVX2 and portable kernels) the microkernel runs bfloat16 on the
-//    float32 kernel, converted (packed_gemm.h), rather than leave every per-step GEMM to
-//    ATen's per-call cost; without AVX-512 ATen's bfloat16 GEMM has no oneDNN kernels at
-//    all (aten_reduced_gemm_on_onednn). Not measured on such CPUs.
+//    BF16 (and in the AVX2 and portable kernels) the converted kernel spares every
+//    per-step GEMM ATen's per-call cost; without AVX-512 ATen's bfloat16 GEMM has no
+//    oneDNN kernels at all (aten_reduced_gemm_on_onednn). Not measured on such CPUs.
 //  * The half ones: packed_gemm's microkernel (half on the float32 kernel), or ATen's
 //    GEMM, which runs oneDNN's float16 kernels where the CPU has AVX512-FP16 (ATen's
 //    mkldnn_fp16_device_check; elsewhere loops of its own). On the Intel Xeon (AVX512-FP16,
@@ -46,9 +50,9 @@
 //     microkernel), elsewhere the microkernel and oneDNN's weight gradients; bfloat16
 //     where the CPU has AMX on oneDNN's batch-reduce GEMM (the forward's recurrent GEMM
 //     from m n k = 2^18, the other per-step GEMMs from 2^21) or ATen's GEMM (the others of
-//     m n k >= 2^22), smaller ones on the microkernel; on the microkernel elsewhere (AVX-512
-//     BF16, or the float32 kernel, converted); half on the microkernel, but for the input
-//     projections and dx of m n k >= 2^22 on ATen's GEMM where the CPU has AVX512-FP16.
+//     m n k >= 2^22), smaller ones on the microkernel; on the microkernel elsewhere; half
+//     on the microkernel, but for the input projections and dx of m n k >= 2^22 on ATen's
+//     GEMM where the CPU has AVX512-FP16.
 //     bfloat16 and half weight gradients run on ATen's GEMM, or where it has no oneDNN
 //     kernels for them on float32 copies, as float32's.
 //   LSTM_EXT_GEMM=microkernel (the microkernel, weight gradients on oneDNN) or mkl (the
@@ -64,8 +68,8 @@
 //     every run on one machine.
 //   LSTM_EXT_GEMM_DISABLE_MKL=1, LSTM_EXT_GEMM_DISABLE_ONEDNN=1 and
 //     LSTM_EXT_GEMM_DISABLE_BRGEMM=1 act as a torch without MKL's packed GEMM, oneDNN
-//     or the batch-reduce GEMM would, LSTM_EXT_GEMM_DISABLE_BF16_DOT=1 as a CPU without
-//     AVX-512 BF16, for tests.
+//     or the batch-reduce GEMM would, for tests (and packed_gemm.h's LSTM_EXT_GEMM_BF16_DOT
+//     picks bfloat16's microkernel).
 // The variables are read once. oneDNN has no float64 matmul: float64's weight gradients
 // always run on the BLAS.
 #pragma once
@@ -85,11 +89,8 @@
 #include <string>
 #include <tuple>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
-#endif
-
 #include "../backend_api.h"
+#include "cpu_features.h"
 #include "packed_gemm.h"
 
 // ATen's batch-reduce GEMM for bfloat16 (torches before this macro lack it).
@@ -136,60 +137,6 @@ inline Mode mode() {
     return Mode::kAuto;
   }();
   return m;
-}
-
-// The CPU facts the default's rule reads (false off x86).
-inline bool cpu_is_intel() {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool intel = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_is("intel") != 0;
-  }();
-  return intel;
-#else
-  return false;
-#endif
-}
-
-// Whether CPUID leaf 7 has all of `ebx_bits` and `edx_bits` and the OS saves the register
-// state of XCR0's `xcr0_bits`: what oneDNN needs before it runs a kernel with those
-// instructions.
-inline bool cpu_has_leaf7(unsigned ebx_bits, unsigned edx_bits, unsigned xcr0_bits) {
-#if defined(__x86_64__) || defined(__i386__)
-  unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || (b & ebx_bits) != ebx_bits || (d & edx_bits) != edx_bits) {
-    return false;
-  }
-  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE: xgetbv runs
-  unsigned xcr0_low = 0, xcr0_high = 0;
-  __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
-  return (xcr0_low & xcr0_bits) == xcr0_bits;
-#else
-  return false;
-#endif
-}
-
-// XCR0's AVX-512 state: SSE, AVX, opmask, ZMM_Hi256, Hi16_ZMM.
-constexpr unsigned kXcr0Avx512 = 0xe6u;
-
-// AMX-BF16 (EDX bit 22) with the tile state (XCR0 bits 17 and 18), as oneDNN needs to run
-// its bfloat16 GEMMs on AMX.
-inline bool cpu_has_amx_bf16() {
-  static const bool amx = cpu_has_leaf7(0, 1u << 22, 3u << 17);
-  return amx;
-}
-
-// AVX512-FP16 (EDX bit 23). (__builtin_cpu_supports("avx512fp16") of GCC 12 said no on a
-// CPU that has it.)
-inline bool cpu_has_avx512_fp16() {
-  static const bool fp16 = cpu_has_leaf7(0, 1u << 23, kXcr0Avx512);
-  return fp16;
-}
-
-// AVX-512 F, DQ, BW and VL (EBX bits 16, 17, 30, 31): oneDNN's avx512_core.
-inline bool cpu_has_avx512_core() {
-  static const bool core = cpu_has_leaf7((1u << 16) | (1u << 17) | (1u << 30) | (1u << 31), 0, kXcr0Avx512);
-  return core;
 }
 
 // The default's threshold for the libraries on an Intel CPU, in multiply-adds m n k: below
@@ -681,16 +628,23 @@ inline at::Tensor float_weight_grad(const at::Tensor& dg, const at::Tensor& a) {
   return at::mm(dg.t(), a);
 }
 
-// The table, one line per choice: "role dtype m=.. n=.. k=.. threads=..: impl (reason)".
+// The table, one line per choice: "role dtype m=.. n=.. k=.. threads=..: impl (reason)",
+// then, where bfloat16 chose the microkernel, "bfloat16 microkernel: kernel (reason)".
 inline std::string gemm_choices() {
   using namespace gemm_select_detail;
   Table& t = table();
   std::lock_guard<std::mutex> lock(t.mutex);
   std::ostringstream out;
+  bool bf16_microkernel = false;
   for (const auto& [key, choice] : t.choices) {
     const auto& [role, m, n, k, dtype, threads] = key;
     out << role_name(role) << ' ' << dtype_name(dtype) << " m=" << m << " n=" << n << " k=" << k
         << " threads=" << threads << ": " << impl_name(choice.impl) << " (" << choice.reason << ")\n";
+    bf16_microkernel |= dtype == at::kBFloat16 && choice.impl == GemmImpl::kMicrokernel;
+  }
+  if (bf16_microkernel) {
+    const Bf16Kernel& kernel = bf16_kernel();
+    out << "bfloat16 microkernel: " << (kernel.dot ? "vdpbf16ps" : "float32, converted") << " (" << kernel.why << ")\n";
   }
   return out.str();
 }

@@ -1,7 +1,7 @@
 // The CPU backend for x86 CPUs with AVX-512 (F, BW, VL, DQ), FMA and F16C; dispatch.cpp
 // runs it only on those. kernels_prologue.h explains the wrapper and why it is ODR-safe.
 // packed_gemm.h's bfloat16 microkernel also needs AVX-512 BF16: it adds that by a function
-// attribute, and runs only on weights packed for it, where the CPU has it (converts_to_float).
+// attribute, and runs only on weights packed for it, where the CPU has it (bf16_kernel).
 #include "kernels_prologue.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(__clang__)

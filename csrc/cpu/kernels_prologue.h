@@ -50,6 +50,7 @@
 #include <torch/library.h>
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>  // before kernels_avx2.cpp sets __AVX__ for sleef.h
 #include <x86intrin.h>
 #endif

@@ -3,13 +3,13 @@
 // small shapes) and its kernels are tuned for large m; here the weight is packed before
 // the loop into column panels that the microkernel streams contiguously, and each step
 // only runs the microkernel. Float32, float64 and half (on the float32 kernel, below)
-// everywhere; bfloat16 with AVX-512 where the CPU has AVX-512 BF16 (vdpbf16ps: the
-// products of pairs of bfloat16, summed in float32), and on the float32 kernel with AVX2
-// or none (without AVX-512 ATen's bfloat16 GEMM has no oneDNN kernels, and ran at 2
-// GFLOP/s here without them). There, on an AMD EPYC Zen 4, the bfloat16 microkernel
-// ran m=64 n=1024 k=256 at 417 GFLOP/s on 2 threads (a zmm vdpbf16ps per cycle and core
-// is 64 flops), where torch's bfloat16 addmm (oneDNN) ran the same per-step GEMMs at 163
-// in an LSTM's time loop.
+// everywhere; bfloat16 on AVX-512 BF16's vdpbf16ps (the products of pairs of bfloat16,
+// summed in float32) where the AVX-512 kernels run on an AMD CPU that has it, on the float32
+// kernel elsewhere (bf16_kernel says why; without AVX-512 ATen's bfloat16 GEMM has no
+// oneDNN kernels, and ran at 2 GFLOP/s here without them). On an AMD EPYC Zen 4 the
+// vdpbf16ps microkernel ran m=64 n=1024 k=256 at 417 GFLOP/s on 2 threads (a zmm
+// vdpbf16ps per cycle and core is 64 flops), where torch's bfloat16 addmm (oneDNN) ran the
+// same per-step GEMMs at 163 in an LSTM's time loop.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,6 +26,7 @@
 #include <utility>
 
 #include "../backend_api.h"
+#include "cpu_features.h"
 #include "vec_math.h"
 
 namespace lstm_ext {
@@ -40,24 +41,43 @@ constexpr bool kHasNativeKernel = std::is_same_v<scalar_t, float> || std::is_sam
 #endif
     ;
 
+// Which kernel bfloat16's microkernel GEMMs run: vdpbf16ps (microkernel_bf16) or the
+// float32 one, converted; and why, for gemm_choices' report. vdpbf16ps only in the AVX-512
+// kernels, on a CPU with AVX-512 BF16, and by default not on Intel's: on the Intel Xeon
+// (family 6 model 207) a zmm vdpbf16ps issued once per 1.5-1.9 TSC ticks where an FMA
+// issued every 0.38 (16 independent chains of each), 40-50% of the multiply-adds per cycle
+// of the float32 kernel's FMAs. With every GEMM on the microkernel a bfloat16 LSTM (B=64
+// T=50 H=256 L=2) ran its no_grad forward in 45 ms with it, 26-28 ms on the float32
+// kernel; fwd+bwd 101 against 68-76 ms. On the AMD EPYC Zen 4, whose FMAs are 256 bits
+// wide, the vdpbf16ps kernel ran m=64 n=1024 k=256 at 417 GFLOP/s on 2 threads, beyond
+// the float32 FMA peak. LSTM_EXT_GEMM_BF16_DOT=1 runs it wherever it can run, =0 nowhere.
+struct Bf16Kernel {
+  bool dot;
+  const char* why;
+};
+inline const Bf16Kernel& bf16_kernel() {
+  static const Bf16Kernel kernel = []() -> Bf16Kernel {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (!cpu_has_avx512_bf16()) return {false, "no AVX-512 BF16"};
+    const char* v = std::getenv("LSTM_EXT_GEMM_BF16_DOT");
+    const std::string_view forced = v == nullptr ? "" : v;
+    if (forced == "0" || forced == "1") return {forced == "1", "LSTM_EXT_GEMM_BF16_DOT"};
+    return cpu_is_intel() ? Bf16Kernel{false, "default: Intel CPU"} : Bf16Kernel{true, "default: not an Intel CPU"};
+#else
+    return {false, "not the AVX-512 kernels"};
+#endif
+  }();
+  return kernel;
+}
+
 // Whether scalar_t's GEMMs run on the float32 microkernel, converted (microkernel_converted):
-// half always, bfloat16 where vdpbf16ps cannot run, outside the AVX-512 kernels or on a CPU
-// without AVX-512 BF16 (LSTM_EXT_GEMM_DISABLE_BF16_DOT=1 acts as one, for tests).
+// half always, bfloat16 where it does not run vdpbf16ps (bf16_kernel).
 template <typename scalar_t>
 bool converts_to_float() {
-  if constexpr (!kHasNativeKernel<scalar_t>) {
-    return true;
-  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    static const bool has_bf16_dot = __builtin_cpu_supports("avx512bf16") != 0;
-#else
-    static const bool has_bf16_dot = false;
-#endif
-    static const char* disabled = std::getenv("LSTM_EXT_GEMM_DISABLE_BF16_DOT");
-    static const bool converts = !has_bf16_dot || (disabled != nullptr && std::string_view(disabled) == "1");
-    return converts;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return !bf16_kernel().dot;
   } else {
-    return false;
+    return !kHasNativeKernel<scalar_t>;
   }
 }
 
@@ -268,7 +288,7 @@ void microkernel_converted(int64_t k, const scalar_t* a, int64_t lda, const floa
 
 #if defined(CPU_CAPABILITY_AVX512)
 // The AVX-512 copy's target and AVX-512 BF16, for the code that runs vdpbf16ps; only
-// called where the weight is not converts_to_float (the CPU has it).
+// called where the weight is not converts_to_float (the CPU has it: bf16_kernel).
 #define LSTM_EXT_TARGET_BF16 \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,avx512bf16"), always_inline)) inline
 
