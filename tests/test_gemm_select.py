@@ -274,6 +274,13 @@ def test_unknown_gemm_mode_is_an_error(child_env):
     assert "LSTM_EXT_GEMM must be auto, mkl or microkernel, but got 'fastest'" in proc.stderr
 
 
+def test_unknown_bf16_dot_value_is_an_error(child_env):
+    # Read where a bfloat16 weight is first packed for the microkernel (the CHILD's small GEMMs).
+    proc = run_child({"LSTM_EXT_GEMM_BF16_DOT": "yes", "CHILD_DTYPES": "bfloat16"}, child_env)
+    assert proc.returncode != 0
+    assert "LSTM_EXT_GEMM_BF16_DOT must be 0 or 1, but got 'yes'" in proc.stderr
+
+
 @pytest.mark.parametrize("mode", ["auto", "mkl", "microkernel", None])
 @pytest.mark.parametrize("brgemm", ["present", "missing"])
 def test_bfloat16_gemms_match_nn_lstm(mode, brgemm, child_env):

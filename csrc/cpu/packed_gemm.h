@@ -57,11 +57,13 @@ struct Bf16Kernel {
 };
 inline const Bf16Kernel& bf16_kernel() {
   static const Bf16Kernel kernel = []() -> Bf16Kernel {
-#if defined(CPU_CAPABILITY_AVX512)
-    if (!cpu_has_avx512_bf16()) return {false, "no AVX-512 BF16"};
     const char* v = std::getenv("LSTM_EXT_GEMM_BF16_DOT");
     const std::string_view forced = v == nullptr ? "" : v;
-    if (forced == "0" || forced == "1") return {forced == "1", "LSTM_EXT_GEMM_BF16_DOT"};
+    TORCH_CHECK(forced.empty() || forced == "0" || forced == "1",
+                "lstm_ext: LSTM_EXT_GEMM_BF16_DOT must be 0 or 1, but got '", forced, "'");
+#if defined(CPU_CAPABILITY_AVX512)
+    if (!cpu_has_avx512_bf16()) return {false, "no AVX-512 BF16"};
+    if (!forced.empty()) return {forced == "1", "LSTM_EXT_GEMM_BF16_DOT"};
     return cpu_is_intel() ? Bf16Kernel{false, "default: Intel CPU"} : Bf16Kernel{true, "default: not an Intel CPU"};
 #else
     return {false, "not the AVX-512 kernels"};
