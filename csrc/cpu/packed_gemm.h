@@ -297,7 +297,8 @@ void microkernel_converted(int64_t k, const scalar_t* a, int64_t lda, const floa
 // acc[r] += A[r, p:p+2] times the panel's pair group at b, for MR rows of A from a = &A[0, p].
 // kLast: k is odd and p = k - 1, so A[r, p + 1] is not there and counts as zero.
 template <int MR, bool kLast>
-LSTM_EXT_TARGET_BF16 void dot_pair(__m512 (&acc)[MR][2], const at::BFloat16* a, int64_t lda, const at::BFloat16* b) {
+LSTM_EXT_TARGET_BF16 void dot_pair(at::vec::Vectorized<float> (&acc)[MR][2], const at::BFloat16* a, int64_t lda,
+                                   const at::BFloat16* b) {
   constexpr int64_t kPanel = PackedWeight<at::BFloat16>::kPanel;
   const __m512bh b0 = (__m512bh)_mm512_loadu_si512(b), b1 = (__m512bh)_mm512_loadu_si512(b + kPanel);
 #pragma GCC unroll kMaxRows
@@ -314,21 +315,15 @@ LSTM_EXT_TARGET_BF16 void dot_pair(__m512 (&acc)[MR][2], const at::BFloat16* a, 
 template <int MR>
 LSTM_EXT_TARGET_BF16 void microkernel_bf16(int64_t k, const at::BFloat16* a, int64_t lda, const at::BFloat16* b,
                                            bool accumulate, at::BFloat16* c, int64_t ldc, int64_t cols) {
-  constexpr int64_t kPanel = PackedWeight<at::BFloat16>::kPanel, kGroup = 2 * kPanel;
+  using Vec = at::vec::Vectorized<float>;
+  constexpr int64_t kGroup = 2 * PackedWeight<at::BFloat16>::kPanel;
+  prefetch_tile<at::BFloat16, MR>(c, ldc);
+  Vec acc[MR][2];
 #pragma GCC unroll kMaxRows
-  for (int r = 0; r < MR; ++r) __builtin_prefetch(c + r * ldc);
-  __m512 acc[MR][2];
-#pragma GCC unroll kMaxRows
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = Vec(0.f);
   for (int64_t p = 0; p < k / 2; ++p) dot_pair<MR, false>(acc, a + 2 * p, lda, b + p * kGroup);
   if (k % 2 != 0) dot_pair<MR, true>(acc, a + k - 1, lda, b + k / 2 * kGroup);
-  float out[MR * kPanel];
-#pragma GCC unroll kMaxRows
-  for (int r = 0; r < MR; ++r) {
-    _mm512_storeu_ps(out + r * kPanel, acc[r][0]);
-    _mm512_storeu_ps(out + r * kPanel + kPanel / 2, acc[r][1]);
-  }
-  store_tile<at::BFloat16, MR>(out, accumulate, c, ldc, cols);
+  finish_tile<at::BFloat16, MR>(acc, accumulate, c, ldc, cols);
 }
 #undef LSTM_EXT_TARGET_BF16
 #endif
