@@ -11,13 +11,15 @@
 
 namespace lstm_ext {
 
-// exp, tanh, reciprocal, relu (NaN stays NaN), and where_positive(y, v): v where y > 0, else 0.
+// one_plus_exp(x) = 1 + e^x (the sigmoid's, and tanh's on CPU vectors, which round it
+// once), tanh, reciprocal, relu (NaN stays NaN), and where_positive(y, v): v where y > 0,
+// else 0.
 template <typename T>
 struct Math;
 
 template <>
 struct Math<float> {
-  C10_HOST_DEVICE static float exp(float x) { return expf(x); }
+  C10_HOST_DEVICE static float one_plus_exp(float x) { return 1.f + expf(x); }
   C10_HOST_DEVICE static float tanh(float x) { return tanhf(x); }
   C10_HOST_DEVICE static float reciprocal(float x) { return 1.f / x; }
   C10_HOST_DEVICE static float relu(float x) { return x < 0.f ? 0.f : x; }
@@ -26,7 +28,7 @@ struct Math<float> {
 
 template <>
 struct Math<double> {
-  C10_HOST_DEVICE static double exp(double x) { return ::exp(x); }
+  C10_HOST_DEVICE static double one_plus_exp(double x) { return 1. + ::exp(x); }
   C10_HOST_DEVICE static double tanh(double x) { return ::tanh(x); }
   C10_HOST_DEVICE static double reciprocal(double x) { return 1. / x; }
   C10_HOST_DEVICE static double relu(double x) { return x < 0. ? 0. : x; }
@@ -36,7 +38,7 @@ struct Math<double> {
 // 1 / (1 + e^-x) saturates cleanly: e^-x = inf gives exactly 0, never NaN.
 template <typename T>
 C10_HOST_DEVICE inline T sigmoid(T x) {
-  return Math<T>::reciprocal(T(1) + Math<T>::exp(T(0) - x));
+  return Math<T>::reciprocal(Math<T>::one_plus_exp(T(0) - x));
 }
 
 // Derivatives through the saved activations y = sigmoid(x) and y = tanh(x).

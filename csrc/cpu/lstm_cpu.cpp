@@ -40,7 +40,7 @@ namespace lstm_ext {
 template <typename T>
 struct Math<at::vec::Vectorized<T>> {
   using Vec = at::vec::Vectorized<T>;
-  static Vec exp(const Vec& x) { return vec_exp(x); }
+  static Vec one_plus_exp(const Vec& x) { return vec_one_plus_exp(x); }
   static Vec tanh(const Vec& x) { return vec_tanh(x); }
   static Vec reciprocal(const Vec& x) { return vec_reciprocal(x); }
   static Vec relu(const Vec& x) { return at::vec::clamp_min(x, Vec(0)); }  // max keeps NaN

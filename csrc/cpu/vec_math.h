@@ -1,14 +1,19 @@
-// Vector lanes for the CPU kernels: exp and tanh for the cell math (below), and VecLane,
+// Vector lanes for the CPU kernels: 1 + e^x and tanh for the cell math (below), and VecLane,
 // which loads and stores a vector of float from half or bfloat16 memory.
 //
-// exp (float32, AVX2 and AVX-512): ATen's Vectorized<float>::exp is an out-of-line SLEEF call, and
-// the cell kernel makes five per vector (three sigmoids, two tanh), each forcing the live
-// vectors to the stack. Inline here: e^x = 2^n e^r with n = round(x / ln 2), r = x - n ln 2
-// (two-part ln 2, exact product), e^r by a degree-6 polynomial fitted here (relative
-// error 3e-9 in exact arithmetic), 2^n built in the exponent bits. x is clamped to
+// 1 + e^x (float32, AVX2 and AVX-512), what the sigmoid and tanh need: ATen's
+// Vectorized<float>::exp is an out-of-line SLEEF call, and the cell kernel makes five per
+// vector (three sigmoids, two tanh), each forcing the live vectors to the stack. Inline
+// here: e^x = 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (two-part ln 2, exact
+// product), e^r by a degree-6 polynomial fitted here (relative error 3e-9 in exact
+// arithmetic), 2^n built in the exponent bits, and 1 + e^x rounded once. x is clamped to
 // [-87.3, 88.3], where 2^n stays a normal float: beyond, the gate math only needs
 // 1 / (1 + e^x) and 2 / (e^x + 1), which already round to 0 or 1 (or a value under
 // 1.2e-38). NaN stays NaN. float64 the same way (below); other builds use ATen's exp.
+// The polynomials run by Estrin's scheme (below): the cell's steps are chains of
+// dependent operations, and against Horner's rule this took a few percent off LSTM
+// forwards on the Intel Xeon (bfloat16 B=64 T=100 H=256 L=2, float64 B=32 T=100 H=128
+// L=1, float32 B=8 T=50 H=64 L=2; processes alternating).
 //
 // tanh: ATen's Vectorized tanh (SLEEF, 1 ulp) takes ~2.5 ns per float32 element on the
 // development machine, six times its exp, and the LSTM evaluates two tanh per hidden
@@ -21,7 +26,7 @@
 //                there; a huge e^{2|x|} gives exactly 1.
 // Within 3 ulp of tanh over all floats; NaN stays NaN, -0 stays -0.
 //
-// float64 tanh, the same two pieces on vec_exp and vec_reciprocal (an earlier version,
+// float64 tanh, the same two pieces on vec_one_plus_exp and vec_reciprocal (an earlier version,
 // expm1(2x) / (expm1(2x) + 2) on SLEEF's expm1, took 7% of an LSTM's float64
 // forward+backward at B=32 H=128 on the Intel Xeon, ten times as much as ATen's exp):
 //   |x| <  0.55: x + x^3 P(x^2), P of degree 10 fitted here (Chebyshev fit in 50-digit
@@ -32,29 +37,37 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <array>
 #include <type_traits>
 
 namespace lstm_ext {
 
-inline at::vec::Vectorized<float> vec_exp(const at::vec::Vectorized<float>& x) {
+inline at::vec::Vectorized<float> vec_one_plus_exp(const at::vec::Vectorized<float>& x) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   using Vec = at::vec::Vectorized<float>;
   using IntVec = at::vec::Vectorized<int32_t>;
   // clamp is min(hi, max(lo, x)): max and min return their second operand when either is
   // NaN, so NaN passes.
   const Vec v = at::vec::clamp(x, Vec(-87.3f), Vec(88.3f));
-  const Vec n = (v * Vec(1.44269504088896341f)).round();  // to nearest
+  // n = round(v / ln 2) by adding 1.5 * 2^23, which leaves n + 2^22 + 2^23 in t's bits.
+  const Vec shifter(12582912.f);
+  const Vec t = at::vec::fmadd(v, Vec(1.44269504088896341f), shifter);
+  const Vec n = t - shifter;
   Vec r = at::vec::fmadd(n, Vec(-0.693359375f), v);
   r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
-  Vec p(1.3814601115882397e-03f);
-  for (const float c : {8.368710987269878e-03f, 4.166838899254799e-02f, 1.666652113199234e-01f,
-                        4.999999403953552e-01f, 1.f, 1.f}) {
-    p = at::vec::fmadd(p, r, Vec(c));
-  }
-  const IntVec two_n = (at::vec::convert_to_int_of_same_size(n) + IntVec(127)) << IntVec(23);
-  return p * at::vec::cast<float>(two_n);
+  // e^r - 1 = r + r^2 u(r), u of degree 4 by Estrin's scheme; then 1 + e^v = (2^n + 1) +
+  // 2^n (e^r - 1) in one multiply-add: four operations deep after r, where Horner's rule
+  // took seven.
+  const Vec r2 = r * r;
+  const Vec u23 = at::vec::fmadd(Vec(1.666652113199234e-01f), r, Vec(4.999999403953552e-01f));
+  const Vec u45 = at::vec::fmadd(Vec(8.368710987269878e-03f), r, Vec(4.166838899254799e-02f));
+  const Vec u = at::vec::fmadd(at::vec::fmadd(Vec(1.3814601115882397e-03f), r2, u45), r2, u23);
+  // 2^n: n + 127 in the exponent bits (the shift drops t's higher bits).
+  const Vec two_n = at::vec::cast<float>((at::vec::cast<int32_t>(t) + IntVec(127)) << IntVec(23));
+  return at::vec::fmadd(at::vec::fmadd(u, r2, r), two_n, two_n + Vec(1.f));
 #else
-  return x.exp();
+  return x.exp() + at::vec::Vectorized<float>(1.f);
 #endif
 }
 
@@ -66,7 +79,7 @@ inline at::vec::Vectorized<float> vec_exp(const at::vec::Vectorized<float>& x) {
 // With the reciprocal below, against SLEEF's out-of-line exp (2.7% of the samples) and
 // divisions: an LSTM's float64 forward+backward 1.5-5% faster on the Intel Xeon (one
 // process alternating; B=32 T=100 H=128 L=1, B=50 T=50 H=256 L=2).
-inline at::vec::Vectorized<double> vec_exp(const at::vec::Vectorized<double>& x) {
+inline at::vec::Vectorized<double> vec_one_plus_exp(const at::vec::Vectorized<double>& x) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   using Vec = at::vec::Vectorized<double>;
   using IntVec = at::vec::Vectorized<int64_t>;
@@ -76,17 +89,26 @@ inline at::vec::Vectorized<double> vec_exp(const at::vec::Vectorized<double>& x)
   const Vec n = t - shifter;
   Vec r = at::vec::fmadd(n, Vec(-6.93147180369123816490e-01), v);
   r = at::vec::fmadd(n, Vec(-1.90821492927058770002e-10), r);
-  // Horner from 1/13! down to 1/1!, 1/0!.
-  Vec p(1.0 / 6227020800.0);
-  for (const double c : {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0, 1.0 / 40320.0,
-                         1.0 / 5040.0, 1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0}) {
-    p = at::vec::fmadd(p, r, Vec(c));
-  }
+  // e^r - 1 = r + r^2 u(r), u(r) = sum of r^i / (i + 2)! for i < 12 by Estrin's scheme (pairs,
+  // then pairs of pairs with r^2, r^4, r^8); then 1 + e^v = (2^n + 1) + 2^n (e^r - 1) in
+  // one multiply-add: six operations deep after r, where Horner's rule took fourteen.
+  constexpr std::array<double, 14> inv_factorial = [] {
+    std::array<double, 14> f{};
+    double factorial = 1.0;
+    for (int i = 0; i < 14; ++i) f[i] = 1.0 / (factorial *= std::max(i, 1));
+    return f;
+  }();
+  const Vec r2 = r * r, r4 = r2 * r2, r8 = r4 * r4;
+  auto pair = [&](int i) { return at::vec::fmadd(Vec(inv_factorial[i + 1]), r, Vec(inv_factorial[i])); };
+  const Vec u0 = at::vec::fmadd(pair(4), r2, pair(2));
+  const Vec u1 = at::vec::fmadd(pair(8), r2, pair(6));
+  const Vec u2 = at::vec::fmadd(pair(12), r2, pair(10));
+  const Vec u = at::vec::fmadd(u2, r8, at::vec::fmadd(u1, r4, u0));
   const IntVec n_int = at::vec::cast<int64_t>(t) - at::vec::cast<int64_t>(shifter);
-  const IntVec two_n = (n_int + IntVec(1023)) << IntVec(52);
-  return p * at::vec::cast<double>(two_n);
+  const Vec two_n = at::vec::cast<double>((n_int + IntVec(1023)) << IntVec(52));
+  return at::vec::fmadd(at::vec::fmadd(u, r2, r), two_n, two_n + Vec(1.0));
 #else
-  return x.exp();
+  return x.exp() + at::vec::Vectorized<double>(1.0);
 #endif
 }
 
@@ -132,7 +154,7 @@ inline at::vec::Vectorized<float> vec_tanh(const at::vec::Vectorized<float>& x) 
   const Vec small = x + x * x2 * p;
 
   const Vec one(1.f);
-  const Vec large_abs = one - Vec(2.f) * vec_reciprocal(vec_exp(ax + ax) + one);
+  const Vec large_abs = one - Vec(2.f) * vec_reciprocal(vec_one_plus_exp(ax + ax));
   const Vec large = large_abs | (x & Vec(-0.f));  // copy the sign bit of x
 
   // NaN compares false and takes the polynomial, which keeps it NaN.
@@ -154,7 +176,7 @@ inline at::vec::Vectorized<double> vec_tanh(const at::vec::Vectorized<double>& x
   const Vec small = x + x * x2 * p;
 
   const Vec one(1.0);
-  const Vec large_abs = one - Vec(2.0) * vec_reciprocal(vec_exp(at::vec::minimum(ax + ax, Vec(40.0))) + one);
+  const Vec large_abs = one - Vec(2.0) * vec_reciprocal(vec_one_plus_exp(at::vec::minimum(ax + ax, Vec(40.0))));
   const Vec large = large_abs | (x & Vec(-0.0));  // copy the sign bit of x
 
   // NaN compares false and takes the polynomial, which keeps it NaN.
