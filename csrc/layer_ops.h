@@ -59,9 +59,9 @@ struct ForwardPlan {
 // for_backward: keep what the backward needs (saved, cells, hidden); otherwise the
 // forward keeps only one step of them. block_steps: at most this many steps per
 // input-projection GEMM (0: all steps for the backward, for inference as many as the
-// cache holds; a stack's wavefront asks for fewer). cells_out: where
-// inference keeps its running cells, (N, hidden_size), if not in a new tensor.
-template <class Cell>
+// backend's inference_block_bytes hold; a stack's wavefront asks for fewer). cells_out:
+// where inference keeps its running cells, (N, hidden_size), if not in a new tensor.
+template <class Backend, class Cell>
 ForwardPlan plan_forward(const LayerArgs& in, bool for_backward, const char* op, int64_t block_steps = 0,
                          const Tensor& cells_out = Tensor()) {
   ForwardPlan f;
@@ -72,9 +72,9 @@ ForwardPlan plan_forward(const LayerArgs& in, bool for_backward, const char* op,
   f.for_backward = for_backward;
   const auto opts = f.o.x.options();
   const int64_t G = Cell::kGates * d.H, W = Cell::kSaved * d.H;
-  // Inference projects blocks of steps whose saved values take about 512 KiB, half an L2 here.
   const int64_t step_bytes = std::max<int64_t>(1, d.N * W * f.o.x.element_size());
-  const int64_t cache_steps = std::clamp<int64_t>((512 << 10) / step_bytes, 1, d.T);
+  const int64_t cache_steps =
+      std::clamp<int64_t>(Backend::inference_block_bytes(f.o.x.scalar_type()) / step_bytes, 1, d.T);
   const int64_t max_block_steps = for_backward ? d.T : cache_steps;
   f.block_steps = block_steps > 0 ? std::min(block_steps, max_block_steps) : max_block_steps;
 
@@ -126,7 +126,7 @@ ForwardResult forward_result(const ForwardPlan& f) {
 template <class Backend, class Cell>
 ForwardResult layer_forward(const LayerArgs& in, bool for_backward, const char* op) {
   const typename Backend::DeviceGuard guard(in.x.device());
-  const ForwardPlan f = plan_forward<Cell>(in, for_backward, op);
+  const ForwardPlan f = plan_forward<Backend, Cell>(in, for_backward, op);
   run_forward<Backend, Cell>(f);
   return forward_result<Cell>(f);
 }
@@ -436,7 +436,7 @@ StackRun run_stack(const Tensor& x, const Tensor& h0, const OptTensor& c0, at::T
     // input projection (at B=8 T=50 H=64, half of its work) before starting.
     const int64_t block_steps = overlap ? wavefront_block_steps(steps, x.scalar_type()) : 0;
     const Tensor cells_out = c0 && !for_backward ? run.c_n[l] : Tensor();
-    plans.push_back(plan_forward<Cell>(args, for_backward, op, block_steps, cells_out));
+    plans.push_back(plan_forward<Backend, Cell>(args, for_backward, op, block_steps, cells_out));
   }
   std::unique_ptr<LayerProgress[]> progress(new LayerProgress[layers]);
   Backend::for_each_layer(layers, overlap, [&](int64_t l) {

@@ -120,6 +120,9 @@ struct CudaBackend {
 
   static Tensor weight_grad(const Tensor& dg, const Tensor& a) { return at::mm(dg.t(), a); }
 
+  // A no_grad forward's blocks of steps (layer_ops.h's plan_forward), as on the CPU.
+  static int64_t inference_block_bytes(at::ScalarType /*dtype*/) { return int64_t{512} << 10; }
+
   // All rows in one block: each step's kernels already cover the whole batch.
   template <typename scalar_t, class Fn>
   static void for_each_row_block(const CudaWeight<scalar_t>& /*w*/, int64_t rows, const Fn& fn) {
