@@ -50,7 +50,7 @@ inline at::vec::Vectorized<float> vec_one_plus_exp(const at::vec::Vectorized<flo
   // clamp is min(hi, max(lo, x)): max and min return their second operand when either is
   // NaN, so NaN passes.
   const Vec v = at::vec::clamp(x, Vec(-87.3f), Vec(88.3f));
-  // n = round(v / ln 2) by adding 1.5 * 2^23, which leaves n + 2^22 + 2^23 in t's bits.
+  // n = round(v / ln 2) by adding 1.5 * 2^23: t = 1.5 * 2^23 + n exactly, n in its low bits.
   const Vec shifter(12582912.f);
   const Vec t = at::vec::fmadd(v, Vec(1.44269504088896341f), shifter);
   const Vec n = t - shifter;
